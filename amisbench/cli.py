@@ -1,0 +1,185 @@
+"""The ``amisbench`` command: argument parsing and printing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EPILOG = "Exit codes: 0 success, 2 usage or input error, 1 a run that failed. Docs: README.md."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``amisbench run: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _results(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=None,
+                   help="results folder (default: $AMISBENCH_RESULTS or ./results)")
+
+
+def build_parser() -> Parser:
+    from .config import PROFILES
+
+    ap = Parser(prog="amisbench", description="amisbench: a benchmark suite for ambiguous medical image "
+                "segmentation (ATFM and baselines on shared data, splits, backbones and metrics).", epilog=EPILOG)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train and evaluate a method on a dataset over one or more seeds",
+                       description="Train every stage of METHOD on DATASET, evaluate GED_16/32/100, HM-IoU_32, "
+                       "MDM_32 on prefixes of 100 samples per test image, and write "
+                       "results/runs/<dataset>/<method>[-<variant>]/<profile>/seed-<k>/. A finished run is "
+                       "skipped; a killed run resumes from ckpt/last.pt.", epilog=EPILOG)
+    p.add_argument("--method", required=True, help="registered method name (see `amisbench methods`)")
+    p.add_argument("--dataset", required=True, help="registered dataset name (see `amisbench datasets`)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1")
+    seeds.add_argument("--seed", type=int, default=None, help="run this one seed (default 0)")
+    p.add_argument("--variant", default=None, help="named variant of the method (e.g. atfm: act_gtr)")
+    p.add_argument("--profile", default="quick", choices=PROFILES, help="scale: smoke, quick (default), paper")
+    p.add_argument("--protocol", default=None, help="split protocol of a real dataset (e.g. clean, atfm-paper)")
+    p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _results(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.main.steps=100 --set method.rank=5")
+    p.add_argument("--force", action="store_true", help="delete and rerun finished or partial runs")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("table", help="print a table of finished runs (mean ± std over seeds)",
+                       description="Build a table from result files only: mean ± std (ddof=1) over seeds of "
+                       "the per-seed means, with the seed count; best value per column in bold.", epilog=EPILOG)
+    p.add_argument("--dataset", required=True, help="dataset whose runs to tabulate")
+    p.add_argument("--profile", default=None, help="profile of the runs (needed when several exist)")
+    p.add_argument("--format", default="md", choices=["md", "latex", "csv"], help="output format (default md)")
+    _results(p)
+
+    for kind in ("methods", "datasets"):
+        p = sub.add_parser(kind, help=f"list registered {kind} with one-line descriptions")
+        if kind == "methods":
+            p.add_argument("--verbose", action="store_true",
+                           help="also build each method at --profile (default paper) for a --size px image "
+                           "and print its parameter count and NFE for 100 samples")
+            p.add_argument("--profile", default="paper", choices=PROFILES)
+            p.add_argument("--dataset", default="lidc", help="dataset whose settings apply (default lidc)")
+            p.add_argument("--size", type=int, default=128)
+            p.add_argument("--channels", type=int, default=1)
+
+    p = sub.add_parser("data", help="prepare real datasets from the files you have")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
+    q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
+                        "layout the adapters read", epilog=EPILOG)
+    q.add_argument("kind", choices=["lidc", "isic3"])
+    q.add_argument("--from", dest="src", required=True, type=Path,
+                   help="lidc: data_lidc.pickle, a folder of *.pickle parts, an HDF5 file or the PNG crop tree; "
+                   "isic3: the isic256_3_style folder")
+    q.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    q.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .runner import Reporter, RunFailed, RunSpec, prepare, run_spec
+
+    seeds = list(range(a.seeds)) if a.seeds is not None else [a.seed if a.seed is not None else 0]
+    if a.seeds is not None and a.seeds < 1:
+        raise UserError(f"--seeds {a.seeds}: expected a positive number of seeds")
+    specs = [RunSpec(a.method, a.dataset, s, a.profile, a.variant, a.sets, a.device, a.results, a.force,
+                     a.data_root, a.protocol) for s in seeds]
+    for spec in specs:  # validate every seed's config before anything is written
+        prepare(spec)
+    rep = Reporter(a.quiet)
+    failed = []
+    for spec in specs:
+        try:
+            folder = run_spec(spec, rep)
+            if not a.quiet:
+                print(folder)
+        except RunFailed as e:
+            print(f"amisbench run: failed: {e}", file=sys.stderr)
+            failed.append(spec.seed)
+    if failed:
+        print(f"amisbench run: {len(failed)} of {len(specs)} run(s) failed (seeds {failed})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_table(a: argparse.Namespace) -> int:
+    from .runner import default_results
+    from .tables import FORMATS, build
+
+    t = build(a.results or default_results(), a.dataset, a.profile)
+    sys.stdout.write(FORMATS[a.format](t))
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .registry import DATASETS, METHODS
+
+    reg = METHODS if a.command == "methods" else DATASETS
+    entries = reg.entries()
+    width = max((len(e.name) for e in entries), default=0)
+    for e in entries:
+        extra = "" if e.source == "builtin" else f"  [{e.source}]"
+        print(f"{e.name:<{width}}  {e.description}{extra}")
+        if a.command == "methods" and a.verbose:
+            print("  " + _method_details(e.name, a))
+    return 0
+
+
+def _method_details(name: str, a: argparse.Namespace) -> str:
+    import torch
+
+    from .api import DataSpec
+    from .config import resolve
+    from .registry import METHODS
+
+    try:
+        res = resolve(name, a.dataset, a.profile)
+    except UserError:
+        res = resolve(name, "synthetic", a.profile)
+    cls = METHODS.get(name)
+    with torch.device("meta"):
+        model = cls(res.cfg.method, DataSpec(a.channels, a.size, a.size, 4, a.dataset))
+    n = sum(p.numel() for p in model.parameters())
+    return (f"profile {a.profile}, {a.size}x{a.size}x{a.channels}: {n:,} parameters; stages "
+            f"{', '.join(cls.stages)}; NFE for 100 samples: {model.nfe(100)}")
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    try:
+        from amisbench.datasets._prepare import prepare
+    except ImportError:
+        raise UserError("data preparation is not available in this installation") from None
+    out = prepare(a.kind, a.src, a.out, show_progress=not a.quiet)
+    print(out)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "table": cmd_table, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    try:
+        a = ap.parse_args(argv)
+        return COMMANDS[a.command](a)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except UserError as e:
+        prog = f"amisbench {getattr(a, 'command', '')}".strip() if "a" in locals() else "amisbench"
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amisbench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Read run folders back into tables of numbers (pure functions of the files; no live objects)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .store import RUNS
+
+COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "label", "profile", "seed", "metric",
+           "value", "run_dir"]
+
+
+def scan(results: Path | str) -> tuple[pd.DataFrame, list[Path]]:
+    """All finished runs under ``results/runs`` as a long DataFrame (one row per run and metric), and the
+    folders of runs that have no ``run.json`` (unfinished or failed)."""
+    root = Path(results) / RUNS
+    rows: list[dict] = []
+    unfinished: list[Path] = []
+    if root.is_dir():
+        for seed_dir in sorted(root.glob("*/*/*/seed-*")):
+            run_json = seed_dir / "run.json"
+            if not run_json.is_file():
+                unfinished.append(seed_dir)
+                continue
+            info = json.loads(run_json.read_text())
+            metrics_path = seed_dir / "metrics.json"
+            if not metrics_path.is_file():
+                unfinished.append(seed_dir)
+                continue
+            metrics = json.loads(metrics_path.read_text())
+            variant = info.get("variant")
+            for key, value in metrics.items():
+                if key == "n_images":
+                    continue
+                rows.append({
+                    "dataset": info["dataset"], "protocol": info.get("protocol"),
+                    "protocol_label": info.get("protocol_label"), "method": info["method"], "variant": variant,
+                    "label": info["method"] + (f"-{variant}" if variant else ""), "profile": info["profile"],
+                    "seed": int(info["seed"]), "metric": key, "value": float(value), "run_dir": str(seed_dir),
+                })
+    return pd.DataFrame(rows, columns=COLUMNS), unfinished
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof = 1) over seeds of the per-seed means, and the seed count, per
+    (dataset, protocol, profile, method label, metric)."""
+    if df.empty:
+        return pd.DataFrame(columns=["dataset", "protocol", "profile", "label", "metric", "mean", "std", "n"])
+    keys = ["dataset", "protocol", "profile", "label", "metric"]
+    g = df.fillna({"protocol": ""}).groupby(keys, sort=False)["value"]
+    out = g.agg(mean="mean", std=lambda s: s.std(ddof=1), n="count").reset_index()
+    return out

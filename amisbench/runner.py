@@ -1,0 +1,413 @@
+"""The runner: trains every stage of a method, checkpoints and resumes, evaluates, writes the run folder.
+
+It owns what must be identical for every method in a fair benchmark: seeding, device, optimizer and
+schedule per stage, EMA, gradient clipping, the NaN/inf guard, checkpoints every ``ckpt_every`` steps and
+at the end of each stage, resume, evaluation and the results files. It never knows a method by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .api import DataSpec
+from .config import Resolved, StageConfig, resolve, to_plain
+from .errors import UserError
+from .evaluate import evaluate
+from .registry import DATASETS, METHODS
+from .seeding import derive_seed
+from .store import (atomic_write_text, is_done, load_torch, run_dir, save_torch, write_json, write_yaml)
+
+
+class RunFailed(Exception):
+    """A run that started but could not finish (diverged training, a method returning bad samples)."""
+
+
+def default_results() -> Path:
+    return Path(os.environ.get("AMISBENCH_RESULTS", "results"))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress reporting: rich on a terminal, plain lines otherwise
+# ----------------------------------------------------------------------------------------------------
+
+class Reporter:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self._progress = None
+        self._task = None
+
+    def line(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def start(self, label: str, total: int, done: int = 0) -> None:
+        self._label, self._total, self._last = label, total, -1
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(label, total=total, completed=done, info="")
+
+    def update(self, done: int, info: str = "", every: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, info=info)
+        elif not self.quiet and (done == self._total or done % max(1, every) == 0) and done != self._last:
+            self._last = done
+            print(f"{self._label} {done}/{self._total} {info}".rstrip(), file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+def stage_steps(sc: StageConfig, n_train: int, where: str) -> int:
+    if sc.steps is not None:
+        if sc.steps < 0:
+            raise UserError(f"{where}.steps: expected a non-negative integer, got {sc.steps}")
+        return sc.steps
+    if sc.epochs is None:
+        raise UserError(f"{where}: set steps or epochs")
+    return int(math.ceil(sc.epochs * math.ceil(n_train / sc.batch_size)))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], sc: StageConfig) -> torch.optim.Optimizer:
+    if sc.optimizer == "adam":
+        return torch.optim.Adam(params, lr=sc.lr, betas=sc.betas, weight_decay=sc.weight_decay)
+    if sc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=sc.lr, betas=sc.betas, weight_decay=sc.weight_decay)
+    return torch.optim.SGD(params, lr=sc.lr, momentum=sc.betas[0], weight_decay=sc.weight_decay)
+
+
+def lr_factor(sc: StageConfig, total: int):
+    def f(step: int) -> float:
+        if sc.warmup_steps and step < sc.warmup_steps:
+            return (step + 1) / sc.warmup_steps
+        if sc.schedule == "cosine":
+            span = max(1, total - sc.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - sc.warmup_steps) / span)))
+        if sc.schedule == "step" and sc.step_size > 0:
+            return sc.gamma ** (step // sc.step_size)
+        return 1.0
+
+    return f
+
+
+def batch_indices(seed: int, stage: str, step: int, n: int, batch_size: int) -> list[int]:
+    """Indices of the training batch at ``step``: epoch-wise permutations seeded by (seed, stage, epoch),
+    so the order is a pure function of the step (nothing to checkpoint) and resumes exactly."""
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(derive_seed("order", seed, stage, epoch))
+    perm = torch.randperm(n, generator=g).tolist()
+    if n < batch_size:
+        return (perm * math.ceil(batch_size / n))[:batch_size]
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def collate(dataset: Any, idx: list[int], device: torch.device, aug_seed: tuple | None = None):
+    images, masks = [], []
+    augment = getattr(dataset, "augment", None)
+    for j, i in enumerate(idx):
+        it = dataset[i]
+        im, mk = it["image"], it["masks"]
+        if augment is not None and aug_seed is not None:
+            im, mk = augment(im, mk, torch.Generator().manual_seed(derive_seed("aug", *aug_seed, j)))
+        images.append(im)
+        masks.append(mk)
+    return torch.stack(images).to(device).float(), torch.stack(masks).to(device).float()
+
+
+def git_info() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+        return {"commit": sha or None, "dirty": dirty if sha else None}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "amisbench": __version__, "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def split_hash(dataset: Any) -> str | None:
+    h = getattr(dataset, "split_hash", None)
+    if h is not None:
+        return h
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _rows_to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return "stage,step\n"
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# one run
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str
+    seed: int = 0
+    profile: str = "quick"
+    variant: str | None = None
+    sets: list[str] | None = None
+    device: str = "cpu"
+    results: Path | str | None = None
+    force: bool = False
+    data_root: str | None = None
+    protocol: str | None = None
+
+
+def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
+    """Resolve the config and the run folder; validates everything and writes nothing."""
+    sets = list(spec.sets or [])
+    if spec.data_root is not None:
+        sets.insert(0, f"dataset.root={spec.data_root}")
+    if spec.protocol is not None:
+        sets.insert(0, f"dataset.protocol={spec.protocol}")
+    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets)
+    protocol = getattr(res.cfg.dataset, "protocol", None)
+    default_protocol = getattr(type(res.cfg.dataset)(), "protocol", None)
+    folder = run_dir(spec.results or default_results(), spec.dataset, spec.method, spec.profile, spec.seed,
+                     spec.variant, protocol if protocol != default_protocol else None)
+    return res, folder
+
+
+def run(method: str, dataset: str, *, seed: int = 0, profile: str = "quick", variant: str | None = None,
+        sets: list[str] | None = None, device: str = "cpu", results: Path | str | None = None,
+        force: bool = False, data_root: str | None = None, protocol: str | None = None,
+        quiet: bool = False) -> Path:
+    """Train and evaluate one (method, dataset, seed, profile, variant); returns the run folder."""
+    spec = RunSpec(method, dataset, seed, profile, variant, sets, device, results, force, data_root, protocol)
+    return run_spec(spec, Reporter(quiet))
+
+
+def run_spec(spec: RunSpec, rep: Reporter) -> Path:
+    res, folder = prepare(spec)
+    dev = pick_device(spec.device)
+    cfg = res.cfg
+    chash = res.hash()
+    name = f"{spec.method}{'-' + spec.variant if spec.variant else ''} on {spec.dataset} " \
+           f"({spec.profile}, seed {spec.seed})"
+    if folder.exists() and spec.force:
+        shutil.rmtree(folder)
+    if is_done(folder):
+        import json
+
+        old = json.loads((folder / "run.json").read_text()).get("config_hash")
+        if old != chash:
+            raise UserError(f"{folder} holds a finished run with another config (hash {old}, now {chash}); "
+                            "pass --force to replace it or choose another --results folder")
+        rep.line(f"{name}: finished already ({folder}); --force reruns it")
+        return folder
+
+    mcls = METHODS.get(spec.method)
+    dcls = DATASETS.get(spec.dataset)
+    train_ds = dcls(cfg.dataset, "train")
+    eval_ds = dcls(cfg.dataset, cfg.eval.split)
+    budgets = {s: stage_steps(sc, len(train_ds), f"train.{s}") for s, sc in cfg.train.items()}
+
+    ckpt_path = folder / "ckpt" / "last.pt"
+    state = None
+    if ckpt_path.is_file():
+        try:
+            state = load_torch(ckpt_path)
+        except Exception as e:  # a truncated checkpoint: say so rather than resume from garbage
+            raise UserError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); delete it or pass "
+                            "--force to start over") from None
+        if state.get("config_hash") != chash:
+            raise UserError(f"{folder} holds a checkpoint of another config (hash {state.get('config_hash')}, "
+                            f"now {chash}); pass --force to start over or choose another --results folder")
+    torch.manual_seed(derive_seed("init", spec.seed))
+    try:
+        model = mcls(cfg.method, train_ds.spec).to(dev)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{spec.method} cannot be built with this config for {spec.dataset} "
+                        f"({train_ds.spec.height}x{train_ds.spec.width}): {e}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    write_yaml(folder / "config.yaml", {"sources": res.sources, **res.plain()})
+    t_start = time.time()
+    log_rows: list[dict] = state["log"] if state else []
+    done_stages: list[str] = list(state["done_stages"]) if state else []
+    timings: dict[str, float] = dict(state.get("timings", {})) if state else {}
+    if state:
+        model.load_state_dict(state["model"])
+        rep.line(f"{name}: resuming from {ckpt_path} (stage {state['stage']}, step {state['step']})")
+    else:
+        rep.line(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                 f"stages {', '.join(f'{s}={budgets[s]} steps' for s in mcls.stages)}")
+
+    def checkpoint(stage: str, step: int, opt, sched, ema, extra_time: float) -> None:
+        save_torch(ckpt_path, {
+            "config_hash": chash, "model": model.state_dict(), "stage": stage, "step": step,
+            "optimizer": opt.state_dict() if opt else None, "scheduler": sched.state_dict() if sched else None,
+            "ema": ema, "done_stages": done_stages, "log": log_rows,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "timings": {**timings, **({stage: extra_time} if stage not in done_stages else {})},
+        })
+        atomic_write_text(folder / "train_log.csv", _rows_to_csv(log_rows))
+
+    for stage in mcls.stages:
+        if stage in done_stages:
+            continue
+        sc = cfg.train[stage]
+        total = budgets[stage]
+        model.on_stage_start(stage)
+        params = [p for p in model.trainable(stage) if p.requires_grad]
+        if total > 0 and not params:
+            raise RunFailed(f"{spec.method}: stage '{stage}' has no trainable parameters")
+        opt = make_optimizer(params, sc) if total > 0 else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, total)) if opt else None
+        ema = {f"{i}": p.detach().clone() for i, p in enumerate(params)} if sc.ema_decay else None
+        step = 0
+        stage_time = 0.0
+        if state and state["stage"] == stage:
+            step = state["step"]
+            stage_time = state.get("timings", {}).get(stage, 0.0)
+            if opt and state["optimizer"]:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+            ema = state["ema"] if sc.ema_decay else None
+            torch.set_rng_state(state["rng"])
+            if dev.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], dev)
+        else:
+            torch.manual_seed(derive_seed("train", spec.seed, stage))
+        rep.start(f"{stage}", total, step)
+        t0 = time.time() - stage_time
+        try:
+            while step < total:
+                model.train()
+                idx = batch_indices(spec.seed, stage, step, len(train_ds), sc.batch_size)
+                images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step))
+                loss, logs = model.loss(stage, images, masks)
+                if not torch.isfinite(loss):
+                    raise RunFailed(
+                        f"training diverged: the {stage} loss is {float(loss)} at step {step + 1} of "
+                        f"{spec.method} on {spec.dataset} (seed {spec.seed}); lower train.{stage}.lr "
+                        f"(now {sc.lr:g}) or set train.{stage}.grad_clip; the last checkpoint is kept")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = None
+                if sc.grad_clip:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, sc.grad_clip))
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for i, p in enumerate(params):
+                            ema[f"{i}"].mul_(sc.ema_decay).add_(p.detach(), alpha=1 - sc.ema_decay)
+                step += 1
+                if step % sc.log_every == 0 or step == total:
+                    row = {"stage": stage, "step": step, "loss": float(loss.detach()),
+                           "lr": sched.get_last_lr()[0], "time_s": round(time.time() - t0, 3)}
+                    if gnorm is not None:
+                        row["grad_norm"] = gnorm
+                    row.update({k: float(v) for k, v in logs.items()})
+                    log_rows.append(row)
+                rep.update(step, f"loss {float(loss.detach()):.4f}", every=sc.log_every)
+                if step % sc.ckpt_every == 0 and step < total:
+                    checkpoint(stage, step, opt, sched, ema, time.time() - t0)
+        finally:
+            rep.stop()
+        if ema is not None:
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p.copy_(ema[f"{i}"])
+        done_stages.append(stage)
+        timings[stage] = round(time.time() - t0, 3)
+        checkpoint(stage, step, None, None, None, timings[stage])
+
+    rep.line(f"{name}: evaluating on {cfg.eval.split} "
+             f"({min(len(eval_ds), cfg.eval.max_images or len(eval_ds))} images x {cfg.eval.n_samples} samples)")
+    t_eval = time.time()
+    n_batches = math.ceil(min(len(eval_ds), cfg.eval.max_images or len(eval_ds)) / max(1, cfg.eval.batch_images))
+    rep.start("eval", n_batches)
+    try:
+        means = evaluate(model, eval_ds, cfg.eval, seed=spec.seed, device=dev, out_dir=folder,
+                         progress=lambda d, t: rep.update(d))
+    except RuntimeError as e:
+        if "sample returned" in str(e):
+            raise RunFailed(str(e)) from None
+        raise
+    finally:
+        rep.stop()
+    timings["eval"] = round(time.time() - t_eval, 3)
+    write_json(folder / "metrics.json", means)
+    atomic_write_text(folder / "train_log.csv", _rows_to_csv(log_rows))
+    protocol = getattr(cfg.dataset, "protocol", None)
+    labels = getattr(dcls, "protocol_labels", {}) or {}
+    info = {
+        "status": "done", "method": spec.method, "variant": spec.variant, "dataset": spec.dataset,
+        "profile": spec.profile, "seed": spec.seed, "protocol": protocol,
+        "protocol_label": labels.get(protocol) if protocol else None,
+        "config_hash": chash, "split_hash": {"train": split_hash(train_ds), cfg.eval.split: split_hash(eval_ds)},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": timings,
+        "parameters": sum(p.numel() for p in model.parameters()), "nfe_per_100_samples": model.nfe(100),
+        "git": git_info(), "env": environment(dev), "deterministic": dev.type == "cpu",
+    }
+    write_json(folder / "run.json", info)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "n_images")
+    rep.line(f"{name}: {summary}")
+    return folder
