@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from .errors import UserError
+
+#: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
+#: ``CLI_HELP``), so that the table, timing, figures and grid tools grow without edits here.
+COMMAND_MODULES = {"table": "amisbench.tables"}
 
 EPILOG = "Exit codes: 0 success, 2 usage or input error, 1 a run that failed. Docs: README.md."
 
@@ -19,7 +24,7 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _results(p: argparse.ArgumentParser) -> None:
+def add_results_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, default=None,
                    help="results folder (default: $AMISBENCH_RESULTS or ./results)")
 
@@ -46,19 +51,18 @@ def build_parser() -> Parser:
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset (e.g. clean, atfm-paper)")
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    _results(p)
+    add_results_option(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.main.steps=100 --set method.rank=5")
     p.add_argument("--force", action="store_true", help="delete and rerun finished or partial runs")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    p = sub.add_parser("table", help="print a table of finished runs (mean ± std over seeds)",
-                       description="Build a table from result files only: mean ± std (ddof=1) over seeds of "
-                       "the per-seed means, with the seed count; best value per column in bold.", epilog=EPILOG)
-    p.add_argument("--dataset", required=True, help="dataset whose runs to tabulate")
-    p.add_argument("--profile", default=None, help="profile of the runs (needed when several exist)")
-    p.add_argument("--format", default="md", choices=["md", "latex", "csv"], help="output format (default md)")
-    _results(p)
+    for name, modname in COMMAND_MODULES.items():  # table, timing, figures, grid: each module owns its flags
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.CLI_HELP, description=(mod.__doc__ or "").strip().split("\n\n")[0],
+                           epilog=EPILOG)
+        mod.configure_parser(p)
+        COMMANDS[name] = mod.command
 
     for kind in ("methods", "datasets"):
         p = sub.add_parser(kind, help=f"list registered {kind} with one-line descriptions")
@@ -110,15 +114,6 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_table(a: argparse.Namespace) -> int:
-    from .runner import default_results
-    from .tables import FORMATS, build
-
-    t = build(a.results or default_results(), a.dataset, a.profile)
-    sys.stdout.write(FORMATS[a.format](t))
-    return 0
-
-
 def cmd_list(a: argparse.Namespace) -> int:
     from .registry import DATASETS, METHODS
 
@@ -162,7 +157,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "table": cmd_table, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data}
+COMMANDS = {"run": cmd_run, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,14 +96,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return coerce(value, options[0], where)
+        for a in options:
             try:
                 return coerce(value, a, where)
-            except UserError as e:
-                errors.append(str(e))
+            except UserError:
+                pass
         raise UserError(f"{where}: expected {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         if value in args:
@@ -294,7 +294,7 @@ def apply_set(cfg: RunConfig, items: list[tuple[str, Any]]) -> None:
         tree: Any = value
         for p in reversed(parts):
             tree = {p: tree}
-        apply_section_tree(cfg, tree, f"--set {key}")
+        apply_section_tree(cfg, tree, "--set")
 
 
 def to_plain(obj: Any) -> Any:

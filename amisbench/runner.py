@@ -344,7 +344,7 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
                 loss, logs = model.loss(stage, images, masks)
                 if not torch.isfinite(loss):
                     raise RunFailed(
-                        f"training diverged: the {stage} loss is {float(loss)} at step {step + 1} of "
+                        f"training diverged: the {stage} loss is {float(loss.detach())} at step {step + 1} of "
                         f"{spec.method} on {spec.dataset} (seed {spec.seed}); lower train.{stage}.lr "
                         f"(now {sc.lr:g}) or set train.{stage}.grad_clip; the last checkpoint is kept")
                 opt.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""Tables from result files: mean +- std (ddof = 1) over seeds, seed counts, best per column in bold."""
+"""Build tables from result files only: mean ± std (ddof = 1) over seeds of the per-seed means, with the seed
+count in every cell and the best value per column in bold."""
 
 from __future__ import annotations
 
@@ -131,3 +132,25 @@ def to_csv(t: Table) -> str:
 
 
 FORMATS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
+
+
+CLI_HELP = "print a table of finished runs (mean ± std over seeds)"
+
+
+def configure_parser(p) -> None:
+    from .cli import add_results_option
+
+    p.add_argument("--dataset", required=True, help="dataset whose runs to tabulate")
+    p.add_argument("--profile", default=None, help="profile of the runs (needed when several exist)")
+    p.add_argument("--format", default="md", choices=list(FORMATS), help="output format (default md)")
+    add_results_option(p)
+
+
+def command(a) -> int:
+    import sys
+
+    from .runner import default_results
+
+    t = build(a.results or default_results(), a.dataset, a.profile)
+    sys.stdout.write(FORMATS[a.format](t))
+    return 0
