@@ -411,3 +411,36 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "n_images")
     rep.line(f"{name}: {summary}")
     return folder
+
+
+def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Any, Resolved]:
+    """Rebuild the trained model of a finished run folder (for timing, figures and re-evaluation).
+
+    Returns:
+        The model in eval mode on ``device``, the evaluation dataset of the run, and its resolved config.
+    """
+    import json
+
+    import yaml
+
+    folder = Path(folder)
+    if not is_done(folder):
+        raise UserError(f"{folder} is not a finished run (no run.json)")
+    info = json.loads((folder / "run.json").read_text())
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    spec = RunSpec(info["method"], info["dataset"], info["seed"], info["profile"], info.get("variant"))
+    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant)
+    from .config import apply_section_tree
+
+    apply_section_tree(res.cfg, {k: saved[k] for k in ("method", "dataset", "train", "eval")}, str(folder))
+    dev = pick_device(device)
+    mcls = METHODS.get(spec.method)
+    dcls = DATASETS.get(spec.dataset)
+    eval_ds = dcls(res.cfg.dataset, res.cfg.eval.split)
+    model = mcls(res.cfg.method, eval_ds.spec).to(dev)
+    state = load_torch(folder / "ckpt" / "last.pt", map_location=dev)
+    model.load_state_dict(state["model"])
+    for stage in mcls.stages:
+        model.on_stage_start(stage)
+    model.eval()
+    return model, eval_ds, res

@@ -122,3 +122,32 @@ def test_nan_guard_stops_with_a_clear_message(tmp_path, capsys):
     assert rc == 1
     assert "training diverged: the main loss is" in err and "lower train.main.lr" in err
     assert not (tmp_path / "runs/synthetic/ssn/smoke/seed-0/run.json").exists()
+
+
+def test_interrupted_evaluation_resumes_at_the_next_batch(tmp_path):
+    from amisbench.config import EvalConfig
+    from amisbench.evaluate import PARTIAL, evaluate
+    from amisbench.runner import load_trained
+
+    folder = run("ssn", "synthetic", results=tmp_path, **SMOKE)
+    model, ds, res = load_trained(folder)
+    ecfg = EvalConfig(batch_images=1, max_images=3, n_samples=20, ged_ns=(16,), hm_iou_n=8, mdm_n=8,
+                      true_samples=10)
+    straight = evaluate(model, ds, ecfg, seed=0, device=torch.device("cpu"), out_dir=tmp_path / "a")
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    (tmp_path / "b").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ds, ecfg, seed=0, device=torch.device("cpu"), out_dir=tmp_path / "b",
+                 progress=stop_after_two)
+    assert (tmp_path / "b" / PARTIAL).is_file() and not (tmp_path / "b" / "per_image.csv").exists()
+    seen = []
+    resumed = evaluate(model, ds, ecfg, seed=0, device=torch.device("cpu"), out_dir=tmp_path / "b",
+                       progress=lambda d, t: seen.append(d))
+    assert seen == [3]  # only the third batch was evaluated again
+    assert resumed == straight
+    assert (tmp_path / "a" / "per_image.csv").read_text() == (tmp_path / "b" / "per_image.csv").read_text()
+    assert not (tmp_path / "b" / PARTIAL).exists()
