@@ -52,6 +52,7 @@ class StageConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     ema_decay: float | None = None
+    amp: bool = False  # bfloat16 autocast of the forward pass and loss on CUDA (ignored on CPU)
     ckpt_every: int = 500
     log_every: int = 50
 
@@ -68,6 +69,7 @@ class EvalConfig:
     true_samples: int = 100  # synthetic only: draws from the true reader distribution for GED_true
     batch_images: int = 8
     max_images: int | None = None  # None: the whole split
+    amp: bool = False  # bfloat16 autocast while sampling on CUDA (ignored on CPU)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def evaluate(method: torch.nn.Module, dataset: Any, ecfg: EvalConfig, *, seed: i
         gts = torch.stack([it["masks"] for it in items]).to(device).bool()
         ctx = SampleContext(dataset, idx, [it["id"] for it in items]) if getattr(method, "wants_context", False) else None
         g = generator(device, "eval", seed, b)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                             enabled=ecfg.amp and device.type == "cuda"):
             samples = method.sample(images, ecfg.n_samples, generator=g, context=ctx)
         expected = (len(idx), ecfg.n_samples, *images.shape[-2:])
         if tuple(samples.shape) != expected or samples.dtype != torch.bool:

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import DataSpec
-from .config import Resolved, StageConfig, resolve, to_plain
+from .config import Resolved, StageConfig, resolve
 from .errors import UserError
 from .evaluate import evaluate
 from .registry import DATASETS, METHODS
@@ -286,7 +285,6 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
                         f"({train_ds.spec.height}x{train_ds.spec.width}): {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
     write_yaml(folder / "config.yaml", {"sources": res.sources, **res.plain()})
-    t_start = time.time()
     log_rows: list[dict] = state["log"] if state else []
     done_stages: list[str] = list(state["done_stages"]) if state else []
     timings: dict[str, float] = dict(state.get("timings", {})) if state else {}
@@ -341,7 +339,9 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
                 model.train()
                 idx = batch_indices(spec.seed, stage, step, len(train_ds), sc.batch_size)
                 images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step))
-                loss, logs = model.loss(stage, images, masks)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sc.amp and dev.type == "cuda"):
+                    loss, logs = model.loss(stage, images, masks)
+                loss = loss.float()
                 if not torch.isfinite(loss):
                     raise RunFailed(
                         f"training diverged: the {stage} loss is {float(loss.detach())} at step {step + 1} of "

@@ -72,7 +72,6 @@ class LowRankHead(nn.Module):
         self.factor = nn.Conv2d(in_features, rank, 1)
 
     def forward(self, features: Tensor) -> LowRankGaussian:
-        b = features.shape[0]
         mean = self.mean(features).flatten(1)
         cov_diag = self.log_diag(features).flatten(1).exp() + self.eps
         cov_factor = self.factor(features).flatten(2).transpose(1, 2)  # (B,D,r)

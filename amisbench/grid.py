@@ -1,0 +1,475 @@
+"""Expand a grid of runs into one idempotent ``amisbench run`` command per job and hand them to a launcher.
+
+A run is the unit of work: it writes only its own folder, skips itself when finished, resumes from its last
+checkpoint and exits non-zero on failure. So the grid needs no engine of its own:
+
+* ``print``: the commands, one per line (``amisbench grid ... > jobs.txt``);
+* ``local``: a pool of worker processes on this machine, one per entry of ``--devices 0,1`` (each job sees
+  only its GPU through ``CUDA_VISIBLE_DEVICES``) or ``--workers N`` CPU workers; one log per job under
+  ``<results>/logs/grid/``;
+* ``slurm``: a job-array script (``sbatch --array=1-N``) whose task k runs line k of a jobs file;
+* ``submitit``: the same jobs through submitit (optional: ``pip install submitit``), e.g. its local
+  executor for a test or Slurm on a cluster.
+
+The grid is method x dataset x variant x sweep value x seed. ``--sweep method.alpha=0,1e-4,1e-3`` trains
+one set of runs per value, each in its own results folder ``<results>/sweeps/method.alpha=<value>/``
+(a run folder is named by method, variant, profile and seed, not by every setting). Finished runs are
+skipped (a finished run of another config is not: its job fails with the runner's message); failed jobs
+are listed at the end and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+LAUNCHERS = ("print", "local", "slurm", "submitit")
+
+
+@dataclass
+class Job:
+    """One ``amisbench run`` of the grid."""
+
+    method: str
+    dataset: str
+    seed: int
+    profile: str
+    variant: str | None = None
+    sets: list[str] = field(default_factory=list)
+    results: str | None = None
+    protocol: str | None = None
+    data_root: str | None = None
+    device: str = "cpu"
+    folder: Path | None = None  # the run folder (set by :func:`expand`)
+    done: bool = False  # finished with the same config
+    tag: str = ""  # the sweep value, e.g. "method.alpha=1e-3"
+
+    @property
+    def label(self) -> str:
+        return self.method + (f"-{self.variant}" if self.variant else "")
+
+    @property
+    def name(self) -> str:
+        ds = self.dataset + (f"-{self.protocol}" if self.protocol else "")
+        return f"{ds}__{self.label}__{self.profile}__seed-{self.seed}" + (f"__{self.tag}" if self.tag else "")
+
+    def args(self, device: str | None = None) -> list[str]:
+        """Arguments after ``amisbench``."""
+        a = ["run", "--method", self.method, "--dataset", self.dataset, "--seed", str(self.seed), "--profile",
+             self.profile]
+        if self.variant:
+            a += ["--variant", self.variant]
+        if self.protocol:
+            a += ["--protocol", self.protocol]
+        if self.data_root:
+            a += ["--data-root", self.data_root]
+        dev = device or self.device
+        if dev != "cpu":
+            a += ["--device", dev]
+        if self.results is not None:
+            a += ["--results", str(self.results)]
+        for s in self.sets:
+            a += ["--set", s]
+        return a
+
+    def line(self) -> str:
+        return shlex.join(["amisbench", *self.args()])
+
+
+def _split_list(value: str | list | None, what: str) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    out = [str(v).strip() for v in items if str(v).strip()]
+    if not out:
+        raise UserError(f"{what}: expected a comma-separated list, got {value!r}")
+    return out
+
+
+def parse_sweeps(items: list[str] | None) -> list[tuple[str, list[str]]]:
+    """``--sweep key=v1,v2`` items -> [(key, [v1, v2])]."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--sweep {item!r}: expected section.key=v1,v2,..., e.g. method.alpha=0,1e-4,1e-3")
+        key, vals = item.split("=", 1)
+        out.append((key.strip(), _split_list(vals, f"--sweep {key}")))
+    return out
+
+
+def sweep_folder(results: Path | str, combo: list[tuple[str, str]]) -> Path:
+    """Results folder of one sweep value: ``<results>/sweeps/<key>=<value>[,<key>=<value>]``."""
+    name = ",".join(f"{k}={v}" for k, v in combo)
+    return Path(results) / "sweeps" / re.sub(r"[^A-Za-z0-9.=,_+-]+", "_", name)
+
+
+def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str = "quick",
+           variants: list[str] | None = None, sets: list[str] | None = None, sweeps: list[str] | None = None,
+           results: Path | str | None = None, protocol: str | None = None, data_root: str | None = None,
+           device: str = "cpu") -> list[Job]:
+    """Every job of the grid, validated (config resolves, run folder known) and marked ``done`` when its
+    folder holds a finished run of the same config. Writes nothing.
+
+    A method may be given as ``method-variant`` (e.g. ``atfm-act_gtr``); ``variants`` multiplies every
+    method (``none`` = the default variant).
+    """
+    import json
+
+    from .runner import RunSpec, default_results, prepare
+    from .store import is_done
+
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: expected a positive number of seeds")
+    if not methods or not datasets:
+        raise UserError("give at least one --method and one --dataset")
+    root = Path(results) if results is not None else default_results()
+    vlist = [None if v in ("none", "") else v for v in (variants or [None])]
+    pairs = []
+    for m in methods:
+        base, _, own = m.partition("-")
+        for v in ([own] if own else vlist):
+            pairs.append((base, v))
+    sweep_axes = parse_sweeps(sweeps)
+    combos = list(itertools.product(*[[(k, v) for v in vals] for k, vals in sweep_axes])) or [()]
+    jobs: list[Job] = []
+    for ds, (m, v), combo, seed in itertools.product(datasets, pairs, combos, range(seeds)):
+        extra = [f"{k}={val}" for k, val in combo]
+        res_dir = sweep_folder(root, list(combo)) if combo else (Path(results) if results is not None else None)
+        job = Job(m, ds, seed, profile, v, [*(sets or []), *extra],
+                  None if res_dir is None else str(res_dir), protocol, data_root, device)
+        res, folder = prepare(RunSpec(m, ds, seed, profile, v, job.sets, device, res_dir or root, False,
+                                      data_root, protocol))
+        job.folder = folder
+        job.tag = res_dir.name if combo else ""
+        if is_done(folder):
+            try:
+                old = json.loads((folder / "run.json").read_text()).get("config_hash")
+            except (OSError, ValueError):
+                old = None
+            job.done = old == res.hash()
+        jobs.append(job)
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+
+def local_prefix() -> list[str]:
+    """How this interpreter runs ``amisbench`` (independent of PATH)."""
+    return [sys.executable, "-P", "-m", "amisbench.cli"]
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + s for s in lines[-n:])
+
+
+def run_local(jobs: list[Job], *, workers: int = 1, devices: list[str] | None = None,
+              log_dir: Path, prefix: list[str] | None = None, out=sys.stderr) -> list[tuple[Job, int, Path]]:
+    """Run ``jobs`` with a pool of subprocesses; returns (job, exit code, log) of every job run.
+
+    With ``devices`` there is one worker per entry (repeat an id to run two jobs on one GPU) and each job
+    gets ``CUDA_VISIBLE_DEVICES=<id>`` and ``--device cuda``; otherwise ``workers`` CPU workers, each with
+    ``OMP_NUM_THREADS`` = cores / workers unless it is set already. Ctrl-C or SIGTERM stops the running
+    jobs (they resume from their checkpoints on the next call).
+    """
+    prefix = prefix or local_prefix()
+    slots: queue.Queue = queue.Queue()
+    for s in (devices or [None] * max(1, workers)):
+        slots.put(s)
+    n_workers = slots.qsize()
+    base_env = dict(os.environ)
+    if not devices:
+        base_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_workers)))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    running: set[subprocess.Popen] = set()
+    lock = threading.Lock()
+
+    def one(job: Job) -> tuple[Job, int | None, Path, float]:
+        log = log_dir / f"{job.name}.log"
+        slot = slots.get()
+        try:
+            if stop.is_set():
+                return job, None, log, 0.0
+            env = dict(base_env)
+            dev = None
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+                dev = "cuda"
+            t0 = time.time()
+            with open(log, "w") as f:
+                f.write("$ " + shlex.join(["amisbench", *job.args(dev)]) + "\n")
+                f.flush()
+                p = subprocess.Popen([*prefix, *job.args(dev)], stdout=f, stderr=subprocess.STDOUT, env=env)
+                with lock:
+                    running.add(p)
+                rc = p.wait()
+                with lock:
+                    running.discard(p)
+            return job, rc, log, time.time() - t0
+        finally:
+            slots.put(slot)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, on_term)
+    done: list[tuple[Job, int, Path]] = []
+    ex = ThreadPoolExecutor(n_workers)
+    try:
+        futs = [ex.submit(one, j) for j in jobs]
+        for k, fut in enumerate(as_completed(futs), 1):
+            job, rc, log, secs = fut.result()
+            if rc is None:
+                continue
+            done.append((job, rc, log))
+            state = "done" if rc == 0 else f"FAILED (exit {rc}), log {log}"
+            print(f"[{k}/{len(jobs)}] {job.name}: {state} ({secs:.1f} s)", file=out, flush=True)
+            if rc != 0:
+                print(_tail(log), file=out, flush=True)
+    except KeyboardInterrupt:
+        stop.set()
+        with lock:
+            procs = list(running)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in futs:
+            f.cancel()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    return done
+
+
+def slurm_script(jobs_file: Path, n: int, *, log_dir: Path, workdir: Path, limit: int | None = None,
+                 gpus: int = 0, cpus: int | None = None, job_name: str = "amisbench",
+                 options: list[str] | None = None) -> str:
+    """A bash script for ``sbatch``: an array of ``n`` tasks, task k runs line k of ``jobs_file``."""
+    array = f"1-{n}" + (f"%{limit}" if limit else "")
+    head = ["#!/bin/bash",
+            f"# amisbench grid: {n} job(s), one `amisbench run` per line of {jobs_file.name}. Every run is",
+            "# idempotent (a finished run is skipped, a killed one resumes), so the array can be resubmitted.",
+            f"#SBATCH --job-name={job_name}",
+            f"#SBATCH --array={array}",
+            f"#SBATCH --output={log_dir}/%A_%a.out"]
+    if gpus:
+        head.append(f"#SBATCH --gres=gpu:{gpus}")
+    if cpus:
+        head.append(f"#SBATCH --cpus-per-task={cpus}")
+    for o in options or []:
+        o = o.strip()
+        if "\n" in o or not o.startswith("-"):
+            raise UserError(f"--sbatch {o!r}: expected one sbatch option such as --time=24:00:00")
+        head.append(f"#SBATCH {o}")
+    body = ["set -euo pipefail",
+            f"JOBS={shlex.quote(str(jobs_file))}",
+            f"cd {shlex.quote(str(workdir))}",
+            'LINE=$(sed -n "${SLURM_ARRAY_TASK_ID}p" "$JOBS")',
+            'if [ -z "$LINE" ]; then',
+            '  echo "amisbench grid: no line ${SLURM_ARRAY_TASK_ID} in $JOBS" >&2',
+            "  exit 2",
+            "fi",
+            'echo "$LINE"',
+            'eval "$LINE"']
+    return "\n".join(head + [""] + body) + "\n"
+
+
+def _run_argv(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """A submitit task: run one command, return its exit code."""
+    return subprocess.run(argv, env={**os.environ, **(env or {})}).returncode
+
+
+def run_submitit(jobs: list[Job], *, folder: Path, cluster: str | None = None, timeout_min: int = 60 * 24,
+                 gpus: int = 0, cpus: int | None = None, parallel: int | None = None,
+                 partition: str | None = None, wait: bool = True, out=sys.stderr,
+                 prefix: list[str] | None = None) -> list[tuple[Job, int, Path]]:
+    """Submit the jobs as one submitit job array; with ``wait``, return (job, exit code, log folder)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--launcher submitit needs the submitit package: pip install submitit") from None
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict = {"timeout_min": timeout_min}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if cpus:
+        params["cpus_per_task"] = cpus
+    if ex.cluster == "slurm":
+        if parallel:
+            params["slurm_array_parallelism"] = parallel
+        if partition:
+            params["slurm_partition"] = partition
+    ex.update_parameters(**params)
+    prefix = prefix or local_prefix()
+    argvs = [[*prefix, *j.args()] for j in jobs]
+    sub = ex.map_array(_run_argv, argvs)
+    for j, s in zip(jobs, sub):
+        print(f"submitted {j.name}: job {s.job_id}", file=out, flush=True)
+    if not wait:
+        return []
+    done = []
+    for j, s in zip(jobs, sub):
+        try:
+            rc = int(s.result())
+        except Exception as e:  # a task that crashed inside submitit
+            print(f"{j.name}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
+                  file=out)
+            rc = 1
+        done.append((j, rc, folder))
+        print(f"{j.name}: {'done' if rc == 0 else f'FAILED (exit {rc}), logs in {folder}'}", file=out, flush=True)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+CLI_HELP = "expand a grid of runs into `amisbench run` commands and launch them (print, local, slurm, submitit)"
+
+
+def configure_parser(p) -> None:
+    from .cli import add_results_option
+    from .config import PROFILES
+
+    p.add_argument("--method", default=None, help="method name(s), comma-separated; method-variant allowed "
+                   "(e.g. ssn,atfm,atfm-act_gtr)")
+    p.add_argument("--dataset", default=None, help="dataset name(s), comma-separated")
+    p.add_argument("--table", default=None, help="the runs of a table of configs/tables.yaml (1, 2, 4): its "
+                   "implemented rows as methods and its dataset unless --method / --dataset say otherwise")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument("--variant", default=None, help="variant(s) of every method, comma-separated; none = default")
+    p.add_argument("--profile", default="quick", choices=PROFILES, help="scale: smoke, quick (default), paper")
+    p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
+    p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
+    p.add_argument("--device", default="cpu", help="device of every run (default cpu; local --devices sets cuda)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every run")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one set of runs per value, each under <results>/sweeps/KEY=V/ (e.g. method.alpha=0,1e-3)")
+    p.add_argument("--launcher", default="print", choices=LAUNCHERS, help="print (default), local, slurm, submitit")
+    p.add_argument("--all", action="store_true", help="also list/launch finished runs (they skip themselves)")
+    g = p.add_argument_group("local")
+    g.add_argument("--workers", type=int, default=1, help="CPU worker processes (default 1)")
+    g.add_argument("--devices", default=None, help="GPU ids, one worker each, e.g. 0,1 (or 0,0,1,1)")
+    g = p.add_argument_group("slurm and submitit")
+    g.add_argument("--out", type=Path, default=None, help="folder for the jobs file, script and logs "
+                   "(default <results>/grid)")
+    g.add_argument("--gpus-per-job", type=int, default=0, help="GPUs per job (default 0)")
+    g.add_argument("--cpus-per-job", type=int, default=None, help="CPU cores per job")
+    g.add_argument("--max-parallel", type=int, default=None, help="most array tasks at once (sbatch %%K)")
+    g.add_argument("--sbatch", dest="sbatch_options", action="append", default=[], metavar="OPTION",
+                   help="extra #SBATCH option, e.g. --sbatch=--time=24:00:00 --sbatch=--partition=gpu")
+    g.add_argument("--submitit-cluster", default=None, choices=["local", "slurm", "debug"],
+                   help="submitit executor (default: slurm if available, else local)")
+    g.add_argument("--partition", default=None, help="submitit: Slurm partition")
+    g.add_argument("--timeout-min", type=int, default=24 * 60, help="submitit: time limit per job in minutes")
+    g.add_argument("--no-wait", action="store_true", help="submitit: submit and return")
+    add_results_option(p)
+
+
+def _summary(done: list[tuple[Job, int, Path]], skipped: int) -> int:
+    failed = [(j, rc, log) for j, rc, log in done if rc != 0]
+    ok = len(done) - len(failed)
+    print(f"amisbench grid: {ok} run(s) done, {skipped} skipped (finished), {len(failed)} failed",
+          file=sys.stderr)
+    for j, rc, log in failed:
+        print(f"  failed: {j.line()}  (exit {rc}; log {log})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def table_grid(table: str | None, method: str | None, dataset: str | None) -> tuple[list[str], list[str]]:
+    """Methods and datasets from the flags, or from table ``table`` of configs/tables.yaml (its rows whose
+    method is implemented, and its dataset)."""
+    if table is None:
+        if not method or not dataset:
+            raise UserError("give --method and --dataset, or --table N (the runs of a table of the paper)")
+        return _split_list(method, "--method"), _split_list(dataset, "--dataset")
+    from .registry import METHODS
+    from .tables import load_definitions
+
+    defs = load_definitions()
+    if table not in defs:
+        raise UserError(f"unknown table '{table}'; known: {', '.join(defs)}")
+    d = defs[table]
+    if d.kind != "metrics":
+        raise UserError(f"table {table} is built by `amisbench timing`, not from runs; see amisbench timing --help")
+    rows = [r.key for r in d.rows]
+    methods = _split_list(method, "--method") if method else [k for k in rows if k.split("-")[0] in METHODS]
+    missing = [k for k in rows if k.split("-")[0] not in METHODS]
+    if missing and not method:
+        print(f"amisbench grid: table {table}: not implemented, left out: {', '.join(missing)}", file=sys.stderr)
+    return methods, _split_list(dataset, "--dataset") if dataset else [d.dataset]
+
+
+def command(a) -> int:
+    from .runner import default_results
+
+    results = a.results if a.results is not None else default_results()
+    devices = _split_list(a.devices, "--devices") if a.devices else None
+    if a.workers < 1:
+        raise UserError(f"--workers {a.workers}: expected at least 1")
+    methods, datasets = table_grid(a.table, a.method, a.dataset)
+    jobs = expand(methods, datasets, a.seeds,
+                  profile=a.profile, variants=_split_list(a.variant, "--variant") if a.variant else None,
+                  sets=a.sets, sweeps=a.sweeps, results=a.results, protocol=a.protocol, data_root=a.data_root,
+                  device=a.device)
+    todo = jobs if a.all else [j for j in jobs if not j.done]
+    skipped = len(jobs) - len(todo)
+    print(f"amisbench grid: {len(jobs)} job(s), {skipped} finished (skipped), {len(todo)} to run",
+          file=sys.stderr)
+    if a.launcher == "print":
+        for j in todo:
+            print(j.line())
+        return 0
+    if not todo:
+        return 0
+    out = Path(a.out) if a.out is not None else Path(results) / "grid"
+    if a.launcher == "local":
+        done = run_local(todo, workers=a.workers, devices=devices, log_dir=Path(results) / "logs" / "grid")
+        return _summary(done, skipped)
+    if a.launcher == "slurm":
+        from .store import atomic_write_text
+
+        out = out.resolve()
+        jobs_file = out / "jobs.txt"
+        atomic_write_text(jobs_file, "".join(j.line() + "\n" for j in todo))
+        gpus = a.gpus_per_job
+        script = slurm_script(jobs_file, len(todo), log_dir=out / "logs", workdir=Path.cwd(), limit=a.max_parallel,
+                              gpus=gpus, cpus=a.cpus_per_job, options=a.sbatch_options)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "grid.sbatch", script)
+        sys.stdout.write(script)
+        print(f"amisbench grid: wrote {jobs_file} and {out / 'grid.sbatch'}; submit with: sbatch "
+              f"{out / 'grid.sbatch'}", file=sys.stderr)
+        return 0
+    done = run_submitit(todo, folder=out / "submitit", cluster=a.submitit_cluster, timeout_min=a.timeout_min,
+                        gpus=a.gpus_per_job, cpus=a.cpus_per_job, parallel=a.max_parallel,
+                        partition=a.partition, wait=not a.no_wait)
+    return _summary(done, skipped) if not a.no_wait else 0

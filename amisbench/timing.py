@@ -1,0 +1,324 @@
+"""Time sampling the Table 3 way: wall time to draw 100 samples of one test image, per method.
+
+Protocol (timm's ``benchmark.py`` is the model: warm-up, synchronise, median): the model of a finished run
+(``results/runs/...``, seed 0 by default; ``--untrained`` builds a freshly initialised one instead, which
+costs the same) is put in eval mode on the device; ``--warmup`` untimed calls draw the full ``--samples``
+for the first image; then for each of ``--images`` test images the device is synchronised, the clock read,
+``model.sample(image, samples)`` called, the device synchronised again and the clock read. The table
+reports the median over images and the interquartile range, the network evaluations (``model.nfe``, split
+into a fixed part and a part per sample: ATFM is 1 GTR pass + 25 per sample), the peak memory, and the
+device, dtype, batch/chunk size and torch version next to every figure.
+
+Each method samples with the paper's inference settings (the ``inference`` entry of Table 3 in
+``configs/tables.yaml``: e.g. ``method.steps=25`` for ATFM) on top of the profile's networks, unless
+``--profile-settings`` keeps the profile's. Results: ``results/timing/<device>/<dataset>__<method>.json``
+(written atomically), which ``amisbench table --table 3`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+TIMING = "timing"
+
+# indirections so that tests can check the order of synchronisation and clock reads
+_clock: Callable[[], float] = time.perf_counter
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":  # pragma: no cover - no MPS in CI
+        torch.mps.synchronize()
+
+
+def device_tag(device: torch.device) -> str:
+    """Folder name of a device under results/timing: ``cpu`` or ``cuda-<name>`` (e.g. cuda-NVIDIA-H100...)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+    return device.type
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def nfe_parts(model: Any, n: int) -> tuple[float, float, int]:
+    """Network evaluations for ``n`` samples split as fixed + per sample (assumes nfe is affine in n).
+
+    Returns:
+        (fixed, per_sample, total for n).
+    """
+    a, b = int(model.nfe(n)), int(model.nfe(2 * n))
+    per = (b - a) / n
+    return a - per * n, per, a
+
+
+def nfe_label(fixed: float, per: float) -> str:
+    f, p = f"{fixed:g}", f"{per:g}"
+    if per and fixed:
+        return f"{f} + {p}/sample"
+    if per:
+        return f"{p}/sample"
+    return f
+
+
+def inference_settings(method: str) -> list[str]:
+    """The Table 3 sampler settings of ``method`` (configs/tables.yaml, ``inference`` of the timing table)."""
+    from .tables import load_definitions
+
+    for d in load_definitions().values():
+        if d.kind == "timing":
+            return list(d.inference.get(method, []))
+    return []
+
+
+def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed: int, sets: list[str],
+           user_sets: list[str], device: torch.device, untrained: bool, results: Path | str | None,
+           protocol: str | None, data_root: str | None):
+    """The model (eval mode, on ``device``), its evaluation dataset, and the run folder (None if untrained)."""
+    from .registry import DATASETS, METHODS
+    from .runner import RunSpec, load_trained, prepare
+    from .seeding import derive_seed
+    from .store import is_done
+
+    mcls = METHODS.get(method)
+    if untrained:
+        res, _ = prepare(RunSpec(method, dataset, seed, profile, variant, [*sets, *user_sets], str(device),
+                                 results, False, data_root, protocol))
+        ds = DATASETS.get(dataset)(res.cfg.dataset, res.cfg.eval.split)
+        torch.manual_seed(derive_seed("init", seed))
+        model = mcls(res.cfg.method, ds.spec).to(device)
+        folder = None
+    else:
+        _, folder = prepare(RunSpec(method, dataset, seed, profile, variant, None, str(device), results, False,
+                                    data_root, protocol))
+        if not is_done(folder):
+            label = method + (f" --variant {variant}" if variant else "")
+            raise UserError(f"no finished run of {method}{'-' + variant if variant else ''} on {dataset} "
+                            f"(profile {profile}, seed {seed}) at {folder}; train it with `amisbench run "
+                            f"--method {label} --dataset {dataset} --profile {profile} --seed {seed}` or "
+                            "pass --untrained to time a freshly initialised model")
+        trained, ds, res = load_trained(folder, str(device))
+        return with_settings(trained, res, [*sets, *user_sets], device), ds, folder
+    for stage in mcls.stages:
+        model.on_stage_start(stage)
+    model.eval()
+    return model, ds, folder
+
+
+def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: torch.device | str
+                  ) -> torch.nn.Module:
+    """``model`` (of a finished run, config ``res``) rebuilt with sampler settings ``sets`` applied (e.g.
+    ``method.steps=10``) and the same weights; ``model`` itself when ``sets`` is empty.
+
+    The method is rebuilt rather than patched so that anything it derives from its config at construction
+    (noise schedules, step grids) follows the new settings.
+    """
+    import copy
+
+    from .config import apply_set, parse_set
+    from .registry import METHODS
+
+    items = parse_set(sets)
+    if not items:
+        return model
+    cfg = copy.deepcopy(res.cfg)
+    apply_set(cfg, items)
+    mcls = METHODS.get(res.method)
+    new = mcls(cfg.method, model.spec).to(device)
+    try:
+        new.load_state_dict(model.state_dict())
+    except RuntimeError:
+        raise UserError(f"the settings {', '.join(sets)} change the network of {res.method}; only sampler "
+                        "settings of a trained run can be changed") from None
+    for stage in mcls.stages:
+        new.on_stage_start(stage)
+    return new.eval()
+
+
+def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 10, profile: str = "quick",
+                device: str = "cpu", untrained: bool = False, seed: int = 0, variant: str | None = None,
+                sets: list[str] | None = None, table_settings: bool = True, warmup: int = 1,
+                dtype: str = "float32", results: Path | str | None = None, protocol: str | None = None,
+                data_root: str | None = None, save: bool = True,
+                inference: dict[str, list[str]] | None = None) -> dict:
+    """Time ``method`` on ``dataset`` by the Table 3 protocol (module docstring); returns the record.
+
+    Args:
+        inference: method -> sampler settings to apply (default: Table 3's of configs/tables.yaml).
+    """
+    from .runner import default_results, git_info, pick_device
+
+    if samples < 1 or images < 1 or warmup < 0:
+        raise UserError(f"--samples {samples} --images {images} --warmup {warmup}: expected samples >= 1, "
+                        "images >= 1 and warmup >= 0")
+    dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(dtypes)}")
+    dev = pick_device(device)
+    results = Path(results) if results is not None else default_results()
+    table_sets: list[str] = []
+    if table_settings:
+        table_sets = list(inference.get(method, [])) if inference is not None else inference_settings(method)
+    model, ds, folder = _build(method, dataset, profile=profile, variant=variant, seed=seed, sets=table_sets,
+                               user_sets=list(sets or []), device=dev, untrained=untrained, results=results,
+                               protocol=protocol, data_root=data_root)
+    k = min(images, len(ds))
+    if k < images:
+        print(f"amisbench timing: the {dataset} evaluation split has only {k} images", file=sys.stderr)
+    batch = [ds[i]["image"][None].to(dev) for i in range(k)]
+    amp = dtypes[dtype]
+
+    def draw(x: torch.Tensor, i: int) -> torch.Tensor:
+        from .seeding import generator
+
+        g = generator(dev, "timing", seed, i)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return model.sample(x, samples, generator=g)
+
+    for w in range(warmup):
+        draw(batch[0], -1 - w)
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i, x in enumerate(batch):
+        _sync(dev)
+        t0 = _clock()
+        out = draw(x, i)
+        _sync(dev)
+        t1 = _clock()
+        times.append(t1 - t0)
+        if tuple(out.shape) != (1, samples, *x.shape[-2:]):
+            raise UserError(f"{method}.sample returned shape {tuple(out.shape)}; expected "
+                            f"{(1, samples, *x.shape[-2:])}")
+    if dev.type == "cuda":
+        peak, mem_kind = int(torch.cuda.max_memory_allocated(dev)), "torch.cuda.max_memory_allocated"
+    else:
+        # ru_maxrss is in KiB on Linux (bytes on macOS): the whole process, model loading included
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak, mem_kind = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "process peak RSS"
+    fixed, per, total = nfe_parts(model, samples)
+    arr = np.asarray(times, dtype=np.float64)
+    q25, med, q75 = (float(v) for v in np.percentile(arr, [25, 50, 75]))
+    label = method + (f"-{variant}" if variant else "")
+    rec = {
+        "method": method, "variant": variant, "label": label, "dataset": dataset, "profile": profile,
+        "seed": seed, "trained": not untrained, "run_dir": str(folder) if folder else None,
+        "samples": samples, "images": k, "warmup": warmup, "images_per_call": 1,
+        "times_s": [float(v) for v in arr], "median_s": med, "q25_s": q25, "q75_s": q75, "iqr_s": q75 - q25,
+        "min_s": float(arr.min()), "max_s": float(arr.max()), "mean_s": float(arr.mean()),
+        "std_s": float(arr.std(ddof=1)) if len(arr) > 1 else math.nan,
+        "nfe": total, "nfe_fixed": fixed, "nfe_per_sample": per, "nfe_label": nfe_label(fixed, per),
+        "peak_memory_bytes": peak, "memory_kind": mem_kind,
+        "device": str(dev), "device_tag": device_tag(dev), "device_name": device_name(dev),
+        "dtype": "float32" if amp is None else f"autocast {dtype}",
+        "sample_chunk": getattr(getattr(model, "cfg", None), "sample_chunk", None),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "sets": [*table_sets, *(sets or [])], "parameters": sum(p.numel() for p in model.parameters()),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(),
+    }
+    if save:
+        from .store import write_json
+
+        path = results / TIMING / rec["device_tag"] / f"{dataset}__{label}.json"
+        write_json(path, rec)
+        rec["path"] = str(path)
+    return rec
+
+
+def _mb(b: int | None) -> str:
+    return "–" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def report(recs: list[dict]) -> str:
+    """A markdown table of timing records with the setup next to every figure, and the ratios to the first
+    method (measured time against network evaluations)."""
+    head = ("| method | NFE for n samples | median s (IQR) | min–max s | peak memory | device | dtype | "
+            "per call | chunk | torch | model |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in recs:
+        lines.append(
+            f"| {r['label']} | {r['nfe']} ({r['nfe_label']}) | {r['median_s']:.3f} ({r['iqr_s']:.3f}) | "
+            f"{r['min_s']:.3f}–{r['max_s']:.3f} | {_mb(r['peak_memory_bytes'])} ({r['memory_kind']}) | "
+            f"{r['device_name']} | {r['dtype']} | 1 image x {r['samples']} samples | {r['sample_chunk'] or '–'} | "
+            f"{r['torch']} | {'trained' if r['trained'] else 'untrained'} |")
+    lines.append("")
+    lines.append(f"_median over {recs[0]['images']} test images of the wall time of one call drawing "
+                 f"{recs[0]['samples']} samples (after {recs[0]['warmup']} warm-up call(s), device synchronised "
+                 f"before each clock read); profile {recs[0]['profile']}, dataset {recs[0]['dataset']}_")
+    if len(recs) > 1:
+        ref = recs[0]
+        for r in recs[1:]:
+            t = r["median_s"] / ref["median_s"] if ref["median_s"] > 0 else float("nan")
+            n = r["nfe"] / ref["nfe"] if ref["nfe"] else float("nan")
+            lines.append(f"_{r['label']} / {ref['label']}: measured time ratio {t:.3g}, NFE ratio {n:.3g}_")
+    for r in recs:
+        if r.get("sets"):
+            lines.append(f"_{r['label']} sampled with {' '.join(r['sets'])}_")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+CLI_HELP = "time drawing 100 samples per image (Table 3 protocol) and write results/timing/"
+
+
+def configure_parser(p) -> None:
+    from .cli import add_results_option
+    from .config import PROFILES
+
+    p.add_argument("--method", required=True, help="method name(s), comma-separated (e.g. atfm,ccdm)")
+    p.add_argument("--dataset", required=True, help="dataset whose test images to sample")
+    p.add_argument("--samples", type=int, default=100, help="samples per image (default 100)")
+    p.add_argument("--images", type=int, default=10, help="test images to time, K (default 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (default 1)")
+    p.add_argument("--profile", default="quick", choices=PROFILES, help="scale of the networks (default quick)")
+    p.add_argument("--variant", default=None, help="variant of every method given")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trained run to time (default 0)")
+    p.add_argument("--untrained", action="store_true", help="time a freshly initialised model (no run needed)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="float32 (default) or autocast to a lower precision")
+    p.add_argument("--profile-settings", action="store_true",
+                   help="sample with the profile's settings instead of the paper's (Table 3 of configs/tables.yaml)")
+    p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
+    p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sampler setting, e.g. --set method.sample_chunk=100")
+    add_results_option(p)
+
+
+def command(a) -> int:
+    methods = [m.strip() for m in a.method.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
+    recs = []
+    for m in methods:
+        rec = time_method(m, a.dataset, samples=a.samples, images=a.images, profile=a.profile, device=a.device,
+                          untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
+                          table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype,
+                          results=a.results, protocol=a.protocol, data_root=a.data_root)
+        print(f"{m}: median {rec['median_s']:.3f} s for {a.samples} samples -> {rec['path']}", file=sys.stderr)
+        recs.append(rec)
+    sys.stdout.write(report(recs))
+    return 0

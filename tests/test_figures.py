@@ -1,0 +1,128 @@
+"""Figures: samples grid (Fig. 4/5), metrics vs. sampler steps (Fig. 6b) and vs. alpha (Fig. 6c)."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from amisbench import cli, figures
+from amisbench.api import Method
+from amisbench.errors import UserError
+from amisbench.metrics import ged, hm_iou
+from amisbench.registry import DATASETS, METHODS
+from amisbench.runner import load_trained, run
+
+
+@dataclass
+class StepsConfig:
+    steps: int = 25
+    alpha: float = 1e-3
+
+
+class StepsFake(Method):
+    """Empty masks with fewer than 10 sampler steps, full masks from 10 on (a known metric curve)."""
+
+    Config = StepsConfig
+    config_layers = {"profiles": {"smoke": {"train": {"main": {"steps": 2}}}}}
+
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        self.net = nn.Conv2d(spec.channels, 1, 1)
+
+    def loss(self, stage, images, masks):
+        return self.net(images).pow(2).mean(), {}
+
+    @torch.no_grad()
+    def sample(self, images, n, *, generator=None, context=None):
+        b, _, h, w = images.shape
+        return torch.full((b, n, h, w), self.cfg.steps >= 10, dtype=torch.bool, device=images.device)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    METHODS.register("stepsfake", StepsFake)
+    root = tmp_path_factory.mktemp("res")
+    run("stepsfake", "synthetic", profile="smoke", results=root, quiet=True)
+    run("ssn", "synthetic", profile="smoke", results=root, quiet=True)
+    yield root
+    METHODS.unregister("stepsfake")
+
+
+def _png(path):
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(path)
+
+
+def test_samples_grid_images_readers_and_k_samples_per_method(runs):
+    fig = figures.samples_figure(runs, "synthetic", ["ssn", "stepsfake"], images=[3, 0], k=3)
+    png, pdf = fig.paths
+    assert png.name == "samples.png" and pdf.name == "samples.pdf" and pdf.read_bytes()[:4] == b"%PDF"
+    img = _png(png)
+    assert img.shape[1] > img.shape[0] > 200 and img[..., :3].std() > 0.1  # drawn, not blank
+    assert fig.data["images"] == [3, 0] and fig.data["readers"] == 4
+    for m in ("ssn", "stepsfake"):
+        assert [a.shape for a in fig.data["methods"][m]] == [(3, 32, 32)] * 2  # smoke: 32 px
+    assert all(a.all() for a in fig.data["methods"]["stepsfake"])  # its samples at 25 steps: full masks
+    assert png.parent == runs / "figures" / "synthetic"
+
+
+def test_most_ambiguous_images_are_picked():
+    ds = DATASETS.get("synthetic")(DATASETS.get("synthetic").Config(), "test")
+    pick = figures.pick_images(ds, 3, pool=12)
+    scores = [figures.reader_disagreement(ds[i]["masks"]) for i in range(12)]
+    assert sorted(pick, key=lambda i: -scores[i]) == pick and min(scores[i] for i in pick) >= sorted(scores)[-3]
+    same = torch.ones((4, 8, 8), dtype=torch.uint8)
+    assert figures.reader_disagreement(same) == 0.0
+
+
+def test_steps_curve_reevaluates_the_checkpoint_at_each_setting(runs, monkeypatch):
+    fig = figures.steps_figure(runs, "synthetic", method="stepsfake", values=[1, 10], eval_images=3, samples=20)
+    df = fig.data
+    _, ds, _ = load_trained(runs / "runs/synthetic/stepsfake/smoke/seed-0")
+    gts = torch.stack([ds[i]["masks"] for i in range(3)]).bool()
+    for steps, fill in ((1, False), (10, True)):
+        s = torch.full((3, 20, *gts.shape[-2:]), fill, dtype=torch.bool)
+        got = df[(df["x"] == steps)].set_index("metric")["value"]
+        assert got["GED_20"] == pytest.approx(float(ged(s, gts).mean()))  # 20 samples: GED_20, HMIoU_20
+        assert got["HMIoU_20"] == pytest.approx(float(hm_iou(s, gts).mean()))
+    assert [p.suffix for p in fig.paths] == [".png", ".pdf", ".csv"] and _png(fig.paths[0])[..., :3].std() > 0.05
+    # the next call reuses the cached numbers (nothing is sampled again)
+    monkeypatch.setattr(figures, "evaluate_subset", lambda *a, **k: pytest.fail("recomputed"))
+    again = figures.steps_figure(runs, "synthetic", method="stepsfake", values=[1, 10], eval_images=3, samples=20)
+    pd.testing.assert_frame_equal(again.data.reset_index(drop=True), df.reset_index(drop=True))
+    with pytest.raises(UserError, match="no finished run of atfm on synthetic"):
+        figures.steps_figure(runs, "synthetic", method="atfm", values=[1])
+
+
+def _alpha_run(root, alpha, seed, g100, hm):
+    d = root / "runs" / "synthetic" / "atfm" / "quick" / f"seed-{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"GED_100": g100, "HMIoU_32": hm, "GED_16": 1.0}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"method": {"alpha": alpha, "steps": 5}}))
+    (d / "run.json").write_text(json.dumps({"status": "done", "method": "atfm", "variant": None,
+                                            "dataset": "synthetic", "profile": "quick", "seed": seed}))
+
+
+def test_alpha_curve_from_runs_that_differ_in_alpha(tmp_path, capsys):
+    _alpha_run(tmp_path, 0.001, 0, 0.20, 0.60)
+    with pytest.raises(UserError, match=r"at least two values of method.alpha \(found: 0.001\).*--sweep"):
+        figures.alpha_figure(tmp_path, "synthetic")
+    _alpha_run(tmp_path, 0.001, 1, 0.22, 0.62)
+    _alpha_run(tmp_path / "sweeps" / "method.alpha=0", 0.0, 0, 0.30, 0.50)
+    _alpha_run(tmp_path / "sweeps" / "method.alpha=5e-3", 0.005, 0, 0.25, 0.55)
+    fig = figures.alpha_figure(tmp_path, "synthetic")
+    df = fig.data
+    assert sorted(df["x"].unique()) == [0.0, 0.001, 0.005]
+    g = df[df["metric"] == "GED_100"].groupby("x")["value"]
+    assert g.mean()[0.001] == pytest.approx(0.21) and g.std(ddof=1)[0.001] == pytest.approx(np.std([0.2, 0.22], ddof=1))
+    assert set(df["metric"]) == {"GED_100", "HMIoU_32"}
+    assert pd.read_csv(tmp_path / "figures" / "synthetic" / "alpha.csv").shape[0] == len(df) == 8
+    assert cli.main(["figures", "--dataset", "synthetic", "--kind", "alpha", "--results", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[0].endswith("figures/synthetic/alpha.png") and _png(printed[0])[..., :3].std() > 0.05

@@ -1,0 +1,188 @@
+"""`amisbench grid`: expansion, skipping finished runs, the print / local / slurm launchers (and submitit)."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amisbench import cli, grid
+from amisbench.errors import UserError
+from amisbench.registry import METHODS
+from amisbench.runner import RunSpec, prepare
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def test_expand_methods_variants_seeds_and_sweeps(tmp_path):
+    jobs = grid.expand(["ssn", "atfm-act_gtr"], ["synthetic"], 2, profile="smoke", results=tmp_path)
+    assert [(j.label, j.seed) for j in jobs] == [("ssn", 0), ("ssn", 1), ("atfm-act_gtr", 0), ("atfm-act_gtr", 1)]
+    assert jobs[2].line() == (f"amisbench run --method atfm --dataset synthetic --seed 0 --profile smoke "
+                              f"--variant act_gtr --results {tmp_path}")
+    assert jobs[0].folder == tmp_path / "runs/synthetic/ssn/smoke/seed-0" and not any(j.done for j in jobs)
+    sw = grid.expand(["ssn"], ["synthetic"], 1, profile="smoke", results=tmp_path, sets=["train.main.steps=2"],
+                     sweeps=["method.rank=2,4"])
+    assert [j.results for j in sw] == [str(tmp_path / "sweeps" / "method.rank=2"),
+                                       str(tmp_path / "sweeps" / "method.rank=4")]
+    assert sw[1].sets == ["train.main.steps=2", "method.rank=4"] and sw[1].name.endswith("__method.rank=4")
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        grid.expand(["nope"], ["synthetic"], 1, results=tmp_path)
+    with pytest.raises(UserError, match="unknown variant 'x'"):
+        grid.expand(["ssn"], ["synthetic"], 1, variants=["x"], results=tmp_path)
+
+
+def test_finished_runs_are_skipped_only_with_the_same_config(tmp_path, capsys):
+    res, folder = prepare(RunSpec("ssn", "synthetic", 1, "smoke", results=tmp_path))
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": "done", "config_hash": res.hash()}))
+    argv = ["grid", "--method", "ssn", "--dataset", "synthetic", "--seeds", "3", "--profile", "smoke",
+            "--results", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert [shlex.split(ln)[shlex.split(ln).index("--seed") + 1] for ln in lines] == ["0", "2"]
+    assert "3 job(s), 1 finished (skipped), 2 to run" in out.err
+    # another config in the same folder is not "finished": its job runs (and the runner explains)
+    (folder / "run.json").write_text(json.dumps({"status": "done", "config_hash": "other"}))
+    assert cli.main(argv) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_slurm_script_is_valid_bash_and_runs_line_k(tmp_path, capsys):
+    out = tmp_path / "grid"
+    rc = cli.main(["grid", "--method", "ssn", "--dataset", "synthetic", "--seeds", "3", "--profile", "smoke",
+                   "--results", str(tmp_path / "res dir"), "--set", "method.unet.widths=[4, 8]",
+                   "--launcher", "slurm", "--out", str(out), "--max-parallel", "2", "--gpus-per-job", "1",
+                   "--sbatch=--time=01:00:00"])
+    script = capsys.readouterr().out
+    assert rc == 0 and script == (out / "grid.sbatch").read_text()
+    assert "#SBATCH --array=1-3%2" in script and "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH --time=01:00:00" in script
+    check = subprocess.run(["bash", "-n", str(out / "grid.sbatch")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    lines = (out / "jobs.txt").read_text().splitlines()
+    assert len(lines) == 3
+    # run task 2 with a stand-in `amisbench` that records its arguments
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "amisbench"
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
+           "RECORD": str(tmp_path / "args.txt")}
+    done = subprocess.run(["bash", str(out / "grid.sbatch")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "args.txt").read_text().splitlines() == shlex.split(lines[1])[1:]
+    assert "--seed\n1\n" in (tmp_path / "args.txt").read_text()
+    assert "method.unet.widths=[4, 8]" in (tmp_path / "args.txt").read_text().splitlines()
+    env["SLURM_ARRAY_TASK_ID"] = "4"
+    missing = subprocess.run(["bash", str(out / "grid.sbatch")], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no line 4" in missing.stderr
+
+
+def test_local_failures_are_listed_with_a_nonzero_exit(tmp_path, capsys):
+    jobs = grid.expand(["ssn"], ["synthetic"], 3, profile="smoke", results=tmp_path)
+    # a stand-in command that fails for seed 1 only
+    code = "import sys; sys.exit(3 if sys.argv[sys.argv.index('--seed') + 1] == '1' else 0)"
+    done = grid.run_local(jobs, workers=2, log_dir=tmp_path / "logs", prefix=[sys.executable, "-c", code])
+    assert sorted((j.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 3), (2, 0)]
+    assert grid._summary(done, skipped=0) == 1
+    err = capsys.readouterr().err
+    assert "2 run(s) done, 0 skipped (finished), 1 failed" in err
+    assert "failed: amisbench run --method ssn --dataset synthetic --seed 1" in err and "exit 3" in err
+    assert (tmp_path / "logs" / "synthetic__ssn__smoke__seed-1.log").read_text().startswith("$ amisbench run")
+
+
+def _tiny_site(tmp_path: Path) -> Path:
+    """A folder that makes the test plugin `tiny` an installed entry point for child processes."""
+    site = tmp_path / "site"
+    info = site / "amisbench_tiny-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: amisbench-tiny\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[amisbench.methods]\ntiny = amisbench_tiny_plugin:TinyMethod\n")
+    return site
+
+
+def test_local_grid_killed_and_rerun_skips_finished_and_resumes(tmp_path, capsys):
+    """A 2-method x 2-seed smoke grid with 2 workers; killed (whole process group) after the first run
+    finished; the same command again skips the finished runs and completes the rest."""
+    site = _tiny_site(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PLUGINS)])}
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-P", "-m", "amisbench.cli", "grid", "--method", "ssn,tiny", "--dataset", "synthetic",
+           "--seeds", "2", "--profile", "smoke", "--launcher", "local", "--workers", "2", "--results", str(res)]
+    folders = [res / "runs/synthetic" / m / "smoke" / f"seed-{s}" for m in ("ssn", "tiny") for s in (0, 1)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any((f / "run.json").exists() for f in folders):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGKILL)  # the grid and every job it started
+    proc.wait()
+    proc.stderr.close()
+    finished = [f for f in folders if (f / "run.json").exists()]
+    assert 1 <= len(finished) < 4
+    stamps = {f: (f / "run.json").stat().st_mtime_ns for f in finished}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"4 job(s), {len(finished)} finished (skipped), {4 - len(finished)} to run" in again.stderr
+    assert f"{4 - len(finished)} run(s) done" in again.stderr and "0 failed" in again.stderr
+    assert all((f / "run.json").is_file() for f in folders)
+    assert all((f / "run.json").stat().st_mtime_ns == t for f, t in stamps.items())
+    info = json.loads((folders[2] / "run.json").read_text())
+    assert info["method"] == "tiny" and info["seed"] == 0
+    # nothing left to do (checked in this process, with the plugin registered by hand)
+    sys.path.insert(0, str(PLUGINS))
+    try:
+        from amisbench_tiny_plugin import TinyMethod
+
+        METHODS.register("tiny", TinyMethod)
+        assert cli.main(cmd[4:-6] + ["--launcher", "local", "--results", str(res)]) == 0
+        assert "4 finished (skipped), 0 to run" in capsys.readouterr().err
+    finally:
+        METHODS.unregister("tiny")
+        sys.path.remove(str(PLUGINS))
+
+
+def test_submitit_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    rc = cli.main(["grid", "--method", "ssn", "--dataset", "synthetic", "--profile", "smoke", "--results",
+                   str(tmp_path), "--launcher", "submitit"])
+    assert rc == 2 and "needs the submitit package: pip install submitit" in capsys.readouterr().err
+
+
+def test_submitit_local_executor(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    jobs = grid.expand(["ssn"], ["synthetic"], 2, profile="smoke", results=tmp_path)
+    code = ("import sys, pathlib; s = sys.argv[sys.argv.index('--seed') + 1]; "
+            f"pathlib.Path({str(tmp_path)!r}, 'ran-' + s).write_text(' '.join(sys.argv[1:])); sys.exit(int(s) * 5)")
+    done = grid.run_submitit(jobs, folder=tmp_path / "submitit", cluster="local", timeout_min=5,
+                             prefix=[sys.executable, "-c", code])
+    assert sorted((j.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 5)]
+    assert (tmp_path / "ran-0").read_text().startswith("run --method ssn --dataset synthetic --seed 0")
+    assert grid._summary(done, 0) == 1
+
+
+def test_grid_of_a_table_uses_its_implemented_rows_and_dataset(capsys):
+    methods, datasets = grid.table_grid("4", None, None)
+    assert methods == ["atfm-act_gtr", "atfm-sfm_no_lsf", "atfm-sfm", "atfm-atfm_no_lsf", "atfm"]
+    assert datasets == ["lidc"]
+    methods, datasets = grid.table_grid("1", None, "synthetic")
+    rows = ["prob_unet", "phiseg", "ssn", "mose", "p2sam", "cimd", "analog_bits", "ccdm", "atfm"]
+    assert methods == [m for m in rows if m in METHODS] and "ssn" in methods and datasets == ["synthetic"]
+    missing = [m for m in rows if m not in METHODS]  # other methods may be added any time
+    err = capsys.readouterr().err
+    assert (f"not implemented, left out: {', '.join(missing)}" in err) if missing else err == ""
+    assert cli.main(["grid", "--table", "4", "--dataset", "synthetic", "--profile", "smoke", "--seeds", "2"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 10 and "--variant act_gtr" in lines[0] and "--variant" not in lines[-1]
+    assert cli.main(["grid", "--table", "3"]) == 2
+    assert "built by `amisbench timing`" in capsys.readouterr().err
+    assert cli.main(["grid", "--dataset", "synthetic"]) == 2

@@ -1,0 +1,277 @@
+"""Tables 1-4 from hand-written result folders: numbers, bold cells, seed counts, labels, paper numbers."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from amisbench import cli
+from amisbench.errors import UserError
+from amisbench.registry import METHODS
+from amisbench.tables import (build, build_table, load_definitions, paper_numbers, to_csv, to_latex,
+                              to_markdown)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def fake_run(root, method, seed, metrics, dataset="synthetic", profile="quick", variant=None, done=True,
+             protocol=None, protocol_label=None):
+    label = method + (f"-{variant}" if variant else "")
+    ds = dataset + (f"-{protocol}" if protocol and protocol != "clean" else "")
+    d = root / "runs" / ds / label / profile / f"seed-{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    if done:
+        (d / "run.json").write_text(json.dumps({
+            "status": "done", "method": method, "variant": variant, "dataset": dataset, "profile": profile,
+            "seed": seed, "protocol": protocol, "protocol_label": protocol_label}))
+    return d
+
+
+def five(g16, g32, g100, hm, mdm):
+    return {"GED_16": g16, "GED_32": g32, "GED_100": g100, "HMIoU_32": hm, "MDM_32": mdm}
+
+
+@pytest.fixture
+def table1_runs(tmp_path):
+    # ssn: 3 seeds; atfm: seeds 0 and 2 (seed 1 missing); ccdm: one failed run without run.json;
+    # prob_unet and the rest: no runs at all
+    ssn = [five(0.30, 0.28, 0.26, 0.50, 0.70), five(0.32, 0.30, 0.27, 0.52, 0.71), five(0.34, 0.29, 0.25, 0.51, 0.72)]
+    for s, m in enumerate(ssn):
+        fake_run(tmp_path, "ssn", s, m)
+    fake_run(tmp_path, "atfm", 0, five(0.20, 0.19, 0.16, 0.66, 0.94))
+    fake_run(tmp_path, "atfm", 2, five(0.22, 0.21, 0.18, 0.68, 0.96))
+    fake_run(tmp_path, "ccdm", 0, five(0.1, 0.1, 0.1, 0.9, 0.9), done=False)
+    return tmp_path, ssn
+
+
+def test_table1_numbers_bold_seed_counts_and_rows_without_runs(table1_runs):
+    root, ssn = table1_runs
+    t = build_table("1", root, dataset="synthetic")
+    assert t.rows == ["prob_unet", "phiseg", "ssn", "mose", "p2sam", "cimd", "analog_bits", "ccdm", "atfm"]
+    mean, std, n = t.cells[("ssn", "GED_16")]
+    assert mean == pytest.approx(0.32) and std == pytest.approx(np.std([0.30, 0.32, 0.34], ddof=1)) and n == 3
+    mean, std, n = t.cells[("atfm", "GED_100")]
+    assert (mean, n) == (pytest.approx(0.17), 2) and std == pytest.approx(np.std([0.16, 0.18], ddof=1))
+    # direction from metric metadata: GED lower, HM-IoU / MDM higher is better
+    assert t.best("GED_16") == "atfm" and t.best("HMIoU_32") == "atfm" and t.best("MDM_32") == "atfm"
+    assert t.status["prob_unet"] == "not run" and t.status["ccdm"] == "not run" and t.status["ssn"] == ""
+    md = to_markdown(t)
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "method" not in ln}
+    assert len(lines) == 9
+    assert "**0.210 ± 0.014 (n=2)**" in lines["atfm (ATFM)"]
+    assert "0.320 ± 0.020 (n=3)" in lines["ssn (SSN)"] and "**" not in lines["ssn (SSN)"]
+    assert "not run (paper: 0.310 ± 0.010)" in lines["prob_unet (Prob. U-Net)"]
+    assert "not run (paper: 0.212 ± 0.001)" in lines["ccdm (CCDM)"]
+    # a number the paper did not report (SSN's MDM is "-") stays empty in the paper column
+    assert "not run" in lines["cimd (CIMD)"].split("|")[2] and "paper" not in lines["cimd (CIMD)"].split("|")[2]
+    assert "_seeds: ssn 0,1,2; atfm 0,2_" in md
+    assert "1 unfinished or failed run(s) left out" in md
+    missing = [r for r in t.rows if r not in METHODS]  # other methods may be added any time
+    if missing:
+        assert f"not implemented in amisbench: {', '.join(missing)}_" in md
+    assert "paper numbers" not in md and "Table 1 (lidc, not synthetic)" in md
+
+
+def test_compare_paper_puts_ours_paper_and_difference_side_by_side(table1_runs):
+    root, _ = table1_runs
+    t = build_table("1", root, dataset="synthetic", compare=True)
+    md = to_markdown(t)
+    head = [ln for ln in md.splitlines() if ln.startswith("| method")][0]
+    assert head.count("| paper |") == 5 and head.count("| Δ |") == 5
+    atfm = [ln for ln in md.splitlines() if ln.startswith("| atfm ")][0].split("|")[2:-1]
+    cells = [c.strip() for c in atfm]
+    # GED_100: ours 0.170, paper 0.162, difference +0.008
+    assert cells[6:9] == ["**0.170 ± 0.014 (n=2)**", "0.162 ± 0.002", "+0.008"]
+    prob = [c.strip() for c in [ln for ln in md.splitlines() if ln.startswith("| prob_unet")][0].split("|")[2:-1]]
+    assert prob[:3] == ["not run", "0.310 ± 0.010", "–"]
+
+
+def _latex_rows(tex):
+    """Column count of every LaTeX row (\\multicolumn{k} counts k), splitting on unescaped &."""
+    counts = []
+    for line in tex.splitlines():
+        if not line.rstrip().endswith(r"\\"):
+            continue
+        cells = re.split(r"(?<!\\)&", line.rstrip()[:-2])
+        counts.append(sum(int(m.group(1)) if (m := re.search(r"\\multicolumn\{(\d+)\}", c)) else 1
+                          for c in cells))
+    return counts
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_latex_is_balanced_with_one_row_per_method(table1_runs, compare):
+    root, _ = table1_runs
+    t = build_table("1", root, dataset="synthetic", compare=compare)
+    tex = to_latex(t)
+    assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
+    depth = 0
+    for ch in re.sub(r"\\[{}]", "", tex):  # escaped braces are text
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0
+    assert tex.count("$") % 2 == 0
+    ncol = 1 + 5 * (3 if compare else 1)
+    counts = _latex_rows(tex)
+    header_rows = 2 if compare else 1
+    assert counts == [ncol] * (header_rows + 9)
+    assert re.search(r"\\begin\{tabular\}\{l(c+)\}", tex).group(1) == "c" * (ncol - 1)
+    assert r"\textbf{0.210}" in tex and "not run" in tex
+    body = tex.split(r"\midrule")[1]
+    assert [ln.split(" & ")[0] for ln in body.splitlines() if ln.endswith(r"\\")][0] == r"prob\_unet (Prob. U-Net)"
+
+
+def test_protocol_label_in_caption_and_ambiguous_protocols(tmp_path):
+    label = "leaky protocol (ATFM release split: test slices overlap SFM training)"
+    fake_run(tmp_path, "ssn", 0, five(0.3, 0.3, 0.3, 0.5, 0.7), dataset="lidc", protocol="atfm-paper",
+             protocol_label=label)
+    fake_run(tmp_path, "atfm", 0, five(0.2, 0.2, 0.2, 0.6, 0.9), dataset="lidc", protocol="atfm-paper",
+             protocol_label=label)
+    t = build_table("1", tmp_path)
+    assert label in to_markdown(t) and label in to_latex(t).split(r"\caption{")[1].split("\n")[0].replace(r"\_", "_")
+    fake_run(tmp_path, "ssn", 0, five(0.25, 0.25, 0.25, 0.55, 0.75), dataset="lidc", protocol="clean")
+    with pytest.raises(UserError, match=r"several protocols \(atfm-paper, clean\).*--protocol"):
+        build_table("1", tmp_path)
+    t = build_table("1", tmp_path, protocol="clean")
+    assert t.cells[("ssn", "GED_16")][0] == pytest.approx(0.25) and t.status["atfm"] == "not run"
+    assert label not in to_markdown(t) and "protocol: clean" in to_markdown(t)
+
+
+def test_table4_rows_are_atfm_variants_with_their_paper_rows(tmp_path):
+    fake_run(tmp_path, "atfm", 0, {"GED_100": 0.25, "HMIoU_32": 0.5}, dataset="lidc", variant="act_gtr")
+    fake_run(tmp_path, "atfm", 1, {"GED_100": 0.27, "HMIoU_32": 0.6}, dataset="lidc", variant="act_gtr")
+    fake_run(tmp_path, "atfm", 0, {"GED_100": 0.15, "HMIoU_32": 0.7}, dataset="lidc", variant="atfm")
+    t = build_table("4", tmp_path, compare=True)
+    assert t.rows == ["atfm-act_gtr", "atfm-sfm_no_lsf", "atfm-sfm", "atfm-atfm_no_lsf", "atfm"]
+    assert t.cells[("atfm-act_gtr", "GED_100")] == (pytest.approx(0.26), pytest.approx(np.std([0.25, 0.27], ddof=1)), 2)
+    assert t.paper[("atfm-act_gtr", "GED_100")] == [0.230, 0.001]
+    assert t.cells[("atfm", "HMIoU_32")][0] == pytest.approx(0.7)  # from the atfm-atfm folder
+    assert "atfm 0 (from atfm-atfm)" in " ".join(t.notes)
+    assert t.best("GED_100") == "atfm" and t.best("HMIoU_32") == "atfm"
+    assert t.delta_text("atfm-act_gtr", "GED_100") == "+0.030"
+    assert t.status["atfm-sfm"] == "not run"
+
+
+def _timing(root, device, method, median, iqr, nfe, label, samples=100):
+    d = root / "timing" / device
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {"method": method, "dataset": "lidc", "profile": "paper", "samples": samples, "images": 5,
+           "median_s": median, "iqr_s": iqr, "nfe": nfe, "nfe_label": label, "device": "cuda",
+           "device_name": "NVIDIA H100", "dtype": "float32", "images_per_call": 1, "sample_chunk": 256,
+           "torch": "2.13.0", "peak_memory_bytes": 2 * 10**9}
+    (d / f"lidc__{method}.json").write_text(json.dumps(rec))
+
+
+def test_table3_from_timing_records(tmp_path):
+    _timing(tmp_path, "cuda-H100", "atfm", 2.0, 0.1, 2501, "1 + 25/sample")
+    _timing(tmp_path, "cuda-H100", "ccdm", 30.0, 1.5, 25000, "250/sample")
+    _timing(tmp_path, "cpu", "atfm", 50.0, 3.0, 2501, "1 + 25/sample")
+    with pytest.raises(UserError, match=r"several devices \(cpu, cuda-H100\).*--device"):
+        build_table("3", tmp_path)
+    t = build_table("3", tmp_path, device="cuda-H100", compare=True)
+    assert t.rows == ["cimd", "analog_bits", "ccdm", "atfm"]
+    assert t.texts[("atfm", "nfe")] == "1 + 25/sample" and t.paper[("atfm", "nfe")] == "GTR + 25"
+    assert t.cells[("ccdm", "seconds_100")] == (30.0, 1.5, 5)
+    assert t.best("seconds_100") == "atfm"  # direction from the table definition (lower is better)
+    assert t.delta_text("atfm", "seconds_100") == f"×{2.0 / 113:.3g}"
+    md = to_markdown(t)
+    assert "**2.00 (IQR 0.10, n=5)**" in md and "not run" in md
+    assert "ccdm/atfm time ×15 (NFE ×10; paper time ×9.73)" in md
+    assert "NVIDIA H100, float32, 1 image x 100 samples per call, chunk 256, torch 2.13.0" in md
+    tex = to_latex(t)
+    assert _latex_rows(tex) == [1 + 2 * 3] * (2 + 4)
+
+
+def test_csv_of_a_defined_table_keeps_rows_without_runs(table1_runs):
+    import io
+
+    import pandas as pd
+
+    root, _ = table1_runs
+    df = pd.read_csv(io.StringIO(to_csv(build_table("1", root, dataset="synthetic"))))
+    assert len(df) == 9 * 5
+    row = df[(df.method == "prob_unet") & (df.metric == "GED_16")].iloc[0]
+    assert row.status == "not run" and np.isnan(row["mean"]) and row.paper_mean == pytest.approx(0.310)
+    row = df[(df.method == "atfm") & (df.metric == "GED_16")].iloc[0]
+    assert row.n == 2 and bool(row.best) and row["mean"] == pytest.approx(0.21)
+
+
+def test_cli_table_modes_and_errors(table1_runs, capsys, tmp_path):
+    root, _ = table1_runs
+    out = tmp_path / "t1.tex"
+    assert cli.main(["table", "--table", "1", "--dataset", "synthetic", "--results", str(root), "--format", "latex",
+                     "--compare-paper", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == out.read_text()
+    assert cli.main(["table", "--dataset", "synthetic", "--results", str(root), "--compare-paper"]) == 2
+    assert "--compare-paper needs --table" in capsys.readouterr().err
+    assert cli.main(["table", "--table", "7", "--results", str(root)]) == 2
+    assert "unknown table '7'; known: 1, 2, 3, 4" in capsys.readouterr().err
+    assert cli.main(["table", "--results", str(root)]) == 2
+
+
+def test_runs_with_overrides_are_flagged(tmp_path):
+    d = fake_run(tmp_path, "ccdm", 0, five(0.3, 0.3, 0.3, 0.5, 0.7))
+    (d / "config.yaml").write_text(yaml.safe_dump({"sources": ["defaults", "configs/methods/ccdm.yaml",
+                                                               "--set train.main.steps=60 eval.max_images=4"]}))
+    d = fake_run(tmp_path, "atfm", 0, five(0.2, 0.2, 0.2, 0.6, 0.9))
+    (d / "config.yaml").write_text(yaml.safe_dump({"sources": ["defaults"]}))
+    md = to_markdown(build_table("1", tmp_path, dataset="synthetic"))
+    assert "_ccdm ran with overrides: train.main.steps=60 eval.max_images=4_" in md
+    assert "atfm ran with" not in md
+
+
+def test_a_metric_without_direction_gets_no_bold(tmp_path):
+    fake_run(tmp_path, "ssn", 0, {"GED_100": 0.3, "train_loss": 1.0})
+    fake_run(tmp_path, "atfm", 0, {"GED_100": 0.2, "train_loss": 2.0})
+    t = build(tmp_path, "synthetic")
+    assert t.best("train_loss") is None and t.best("GED_100") == "atfm"
+    assert "train_loss" in to_markdown(t)
+
+
+def test_rows_of_methods_that_do_not_exist_are_kept_and_labelled(tmp_path):
+    fake_run(tmp_path, "ssn", 0, {"GED_100": 0.3})
+    path = tmp_path / "tables.yaml"
+    path.write_text(yaml.safe_dump({"tables": {"9": {"dataset": "synthetic", "paper": "table1_lidc",
+                                                     "columns": ["GED_100"],
+                                                     "rows": ["ssn", {"key": "no_such_method", "paper": "mose"}]}}}))
+    t = build_table("9", tmp_path, definitions=load_definitions(path))
+    md = to_markdown(t)
+    assert "| no_such_method | not run (paper: 0.189 ± 0.002) |" in md
+    assert "_not implemented in amisbench: no_such_method_" in md and t.status["ssn"] == ""
+
+
+def test_definitions_are_checked(tmp_path):
+    defs = load_definitions()
+    assert set(defs) == {"1", "2", "3", "4"}
+    assert [c.key for c in defs["1"].columns] == ["GED_16", "GED_32", "GED_100", "HMIoU_32", "MDM_32"]
+    assert defs["3"].inference["atfm"] == ["method.steps=25"]
+    bad = tmp_path / "tables.yaml"
+    bad.write_text(yaml.safe_dump({"tables": {"1": {"dataset": "lidc", "columns": ["GED_16"], "rows": ["ssn"],
+                                                     "colour": "red"}}}))
+    with pytest.raises(UserError, match=r"tables.yaml: tables.1: unknown key 'colour'"):
+        load_definitions(bad)
+    bad.write_text(yaml.safe_dump({"tables": {"1": {"dataset": "lidc", "columns": ["GED_16"]}}}))
+    with pytest.raises(UserError, match="missing key 'rows'"):
+        load_definitions(bad)
+
+
+def test_paper_numbers_ship_with_the_package_and_match_the_human_copy():
+    data = paper_numbers()
+    assert data["table1_lidc"]["rows"]["atfm"]["GED_100"] == [0.162, 0.002]
+    packaged = (ROOT / "configs" / "paper" / "atfm_tables.yaml").read_text()
+    assert packaged == (ROOT / "results" / "paper" / "atfm_tables.yaml").read_text()
+    shared = SHARED / "paper" / "atfm_tables.yaml"
+    if not shared.is_file():
+        pytest.skip("../shared is absent")
+    assert packaged == shared.read_text()
+    # every row and column of the definitions exists in the paper's sections
+    for d in load_definitions().values():
+        rows = data[d.paper]["rows"]
+        for r in d.rows:
+            assert r.paper in rows, (d.id, r.paper)
+            for c in d.columns:
+                assert c.paper in rows[r.paper] or c.paper_value is not None, (d.id, r.paper, c.paper)
