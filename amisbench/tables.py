@@ -195,6 +195,7 @@ class RowDef:
     paper: str
     name: str | None = None
     also: list[str] = field(default_factory=list)
+    reason: str | None = None  # why the row cannot run here (shown instead of a bare "not run")
 
     @property
     def method(self) -> str:
@@ -277,8 +278,9 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
                 r = {"key": r}
             if not isinstance(r, dict) or not isinstance(r.get("key"), str):
                 raise UserError(f"{w}.rows[{i}]: expected a result label or a mapping with 'key'")
-            _check_keys(r, ("key", "paper", "name", "also"), f"{w}.rows[{i}]")
-            rows.append(RowDef(r["key"], r.get("paper", r["key"]), r.get("name"), list(r.get("also") or [])))
+            _check_keys(r, ("key", "paper", "name", "also", "reason"), f"{w}.rows[{i}]")
+            rows.append(RowDef(r["key"], r.get("paper", r["key"]), r.get("name"), list(r.get("also") or []),
+                               r.get("reason")))
         inference = t.get("inference") or {}
         if not isinstance(inference, dict) or not all(isinstance(v, list) for v in inference.values()):
             raise UserError(f"{w}.inference: expected a mapping of method -> list of key=value settings")
@@ -436,7 +438,7 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
         _fill_timing(t, d, results, ds, profile, device)
     else:
         _fill_metrics(t, d, results, ds, profile, protocol)
-    missing = [r.key for r in d.rows if not _is_implemented(r.method)]
+    missing = [r.key + (f" ({r.reason})" if r.reason else "") for r in d.rows if not _is_implemented(r.method)]
     if missing:
         t.notes.append("not implemented in amisbench: " + ", ".join(missing))
     if d.paper:
@@ -460,7 +462,7 @@ def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: 
     for r in d.rows:
         label = next((lab for lab in [r.key, *r.also] if lab in labels), None)
         if label is None:
-            t.status[r.key] = "not run"
+            t.status[r.key] = f"not run ({r.reason})" if r.reason else "not run"
             continue
         t.status[r.key] = ""
         used.append(label)
