@@ -1,0 +1,53 @@
+"""c-SSN: the Stochastic Segmentation Network conditioned on the reader's labelling style (Zepf et al., ICLR
+2023).
+
+:class:`~amisbench.methods.ssn.SSN` whose U-Net receives, next to the image, the one-hot style of a reader
+slot tiled over the image (A extra input channels). Styles, training (one random reader per image and step,
+with its style) and sampling (``style: mix`` = sample i uses style i mod A; ``style: <int>`` = one style) are
+as in :mod:`amisbench.methods.c_prob_unet`, whose notes on what a style means per dataset apply here (ISIC3:
+the f / m / p styles; LIDC: a reader slot, not a fixed person; synthetic: arbitrary slot order, no
+information). ``nfe(n) = min(n, A)`` with ``mix`` (one U-Net pass per image and style), 1 with a fixed style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, Union
+
+import torch
+
+from amisbench.api import DataSpec
+from amisbench.registry import register_method
+
+from .c_prob_unet import pick_styled_reader, style_plan, styled_sample, with_style
+from .ssn import SSN, SSNConfig
+
+
+@dataclass
+class CSSNConfig(SSNConfig):
+    style: Union[Literal["mix"], int] = "mix"  # sampling: uniform mixture of styles, or one style index
+
+
+@register_method("c_ssn")
+class CSSN(SSN):
+    """c-SSN: SSN with a one-hot reader-style input (Zepf et al. 2023)."""
+
+    Config = CSSNConfig
+
+    def __init__(self, cfg: CSSNConfig, spec: DataSpec):
+        super().__init__(cfg, replace(spec, channels=spec.channels + spec.readers))
+        self.spec = spec
+        self.styles = spec.readers
+        style_plan(cfg.style, 1, self.styles, "method.style")
+
+    def loss(self, stage, images, masks):
+        idx, y = pick_styled_reader(masks)
+        return super().loss(stage, with_style(images, idx, self.styles), y)
+
+    @torch.no_grad()
+    def sample(self, images, n, *, generator=None, context=None):
+        base = lambda x, m, g: SSN.sample(self, x, m, generator=g)  # noqa: E731
+        return styled_sample(base, images, n, self.cfg.style, self.styles, generator, "method.style")
+
+    def nfe(self, n: int) -> int:
+        return min(n, self.styles) if self.cfg.style == "mix" else 1
