@@ -207,6 +207,13 @@ def test_phiseg_paper_configs_and_variant():
     paper = resolve("phiseg", "synthetic", "paper").cfg.method
     assert paper.latent_levels == 5 and len(paper.widths) == 7 and paper.widths == (32, 64, 128, 192, 192, 192, 192)
     assert resolve("phiseg", "synthetic", "paper", variant="l1").cfg.method.latent_levels == 1
+    # quick (64 px): L = 5 keeps the release's relative latent scales (1/4 .. 1/64 of the image); L = 1 keeps
+    # the release's 2 x 2 latent (one resolution level fewer), not a 1 x 1 one
+    spec64 = DataSpec(1, 64, 64, 4)
+    for variant, sides in ((None, [16, 8, 4, 2, 1]), ("l1", [2])):
+        with torch.device("meta"):
+            m = PHiSeg(resolve("phiseg", "synthetic", "quick", variant=variant).cfg.method, spec64)
+        assert [s[-1] for s in m.latent_shapes()] == sides
     with pytest.raises(ValueError, match="divisible by 64"):
         PHiSeg(PHiSegConfig(), DataSpec(1, 96, 96, 4))
 
