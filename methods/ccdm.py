@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from amisbench.api import DataSpec, Method

@@ -22,6 +22,7 @@ from torch import Tensor
 from amisbench.api import DataSpec, Method
 from amisbench.nn import LowRankHead, UNet, UNetConfig, mc_log_likelihood
 from amisbench.registry import register_method
+from ._blocks import pick_reader
 
 
 @dataclass
@@ -32,12 +33,6 @@ class SSNConfig:
     antithetic: bool = True
     eps: float = 1e-5
     likelihood: Literal["logmeanexp", "mean_nll"] = "logmeanexp"
-
-
-def pick_reader(masks: Tensor) -> Tensor:
-    """One reader chosen uniformly at random per image: (B,A,H,W) -> (B,H,W) (global torch RNG)."""
-    idx = torch.randint(0, masks.shape[1], (masks.shape[0],), device=masks.device)
-    return masks[torch.arange(masks.shape[0], device=masks.device), idx]
 
 
 @register_method("ssn")

@@ -24,12 +24,6 @@ from torch import Tensor, nn
 from amisbench.nn import LowRankGaussian, LowRankHead, UNet, UNetConfig, mc_log_likelihood
 
 
-def pick_reader(masks: Tensor) -> Tensor:
-    """One reader chosen uniformly at random per image (global torch RNG): (B,A,H,W) -> (B,H,W)."""
-    idx = torch.randint(0, masks.shape[1], (masks.shape[0],), device=masks.device)
-    return masks[torch.arange(masks.shape[0], device=masks.device), idx]
-
-
 class GTR(nn.Module):
     """U-Net + low-rank Gaussian head over the logit map.
 

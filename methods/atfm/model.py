@@ -65,7 +65,8 @@ from amisbench.nn import UNetConfig
 from amisbench.registry import register_method
 
 from . import sfm
-from .gtr import GTR, pick_reader
+from .._blocks import pick_reader
+from .gtr import GTR
 from .st_net import STNet
 
 
