@@ -55,7 +55,8 @@ class Oracle(Method):
         seeds = torch.randint(0, 2**62, (len(indices),), generator=generator, device=device).tolist()
         draws = np.stack([np.asarray(dataset.true_masks(int(i), n, int(s))) for i, s in zip(indices, seeds)])
         if draws.shape[-2:] != tuple(images.shape[-2:]):
-            raise ValueError(f"oracle: true masks of size {draws.shape[-2:]} for images of size {tuple(images.shape[-2:])}")
+            raise ValueError(f"oracle: true masks of size {draws.shape[-2:]} for images of size "
+                             f"{tuple(images.shape[-2:])}")
         return torch.from_numpy(draws.astype(bool)).to(images.device)
 
     def nfe(self, n: int) -> int:
