@@ -74,9 +74,8 @@ def test_table1_numbers_bold_seed_counts_and_rows_without_runs(table1_runs):
     missing = [r for r in t.rows if r not in METHODS]  # other methods may be added any time
     if missing:
         assert "not implemented in amisbench: " in md and all(m in md.split("not implemented")[1] for m in missing)
-    if "p2sam" in missing:
-        assert "not implemented in amisbench: p2sam (needs SAM weights)" in md
-        assert "not run (needs SAM weights) (paper: 0.208 ± 0.000)" in lines["p2sam (P2SAM)"]
+    # P2SAM runs only with a user-supplied SAM checkpoint: without runs its row says so
+    assert "not run (needs SAM weights) (paper: 0.208 ± 0.000)" in lines["p2sam (P2SAM)"]
     assert "paper numbers" not in md and "Table 1 (lidc, not synthetic)" in md
 
 
