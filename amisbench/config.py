@@ -46,7 +46,8 @@ class StageConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "cosine", "step"] = "constant"
+    schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
+    min_lr: float = 0.0  # ``linear`` / ``cosine`` decay from ``lr`` to ``min_lr`` at the last step
     step_size: int = 0  # for ``step``: decay every ``step_size`` steps by ``gamma``
     gamma: float = 0.1
     warmup_steps: int = 0

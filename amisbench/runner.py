@@ -93,6 +93,8 @@ class Reporter:
 # ----------------------------------------------------------------------------------------------------
 
 def stage_steps(sc: StageConfig, n_train: int, where: str) -> int:
+    if not 0.0 <= sc.min_lr <= sc.lr:
+        raise UserError(f"{where}.min_lr: expected a value between 0 and lr ({sc.lr}), got {sc.min_lr}")
     if sc.steps is not None:
         if sc.steps < 0:
             raise UserError(f"{where}.steps: expected a non-negative integer, got {sc.steps}")
@@ -111,12 +113,18 @@ def make_optimizer(params: list[torch.nn.Parameter], sc: StageConfig) -> torch.o
 
 
 def lr_factor(sc: StageConfig, total: int):
+    """Multiplier of ``sc.lr`` at optimizer step ``step`` (0-based) of a stage of ``total`` steps: linear
+    warm-up, then constant, linear (polynomial of power 1, CCDM's release) or cosine decay reaching
+    ``min_lr`` at the last step, or step decay."""
+    floor = sc.min_lr / sc.lr if sc.lr > 0 else 0.0
+
     def f(step: int) -> float:
         if sc.warmup_steps and step < sc.warmup_steps:
             return (step + 1) / sc.warmup_steps
-        if sc.schedule == "cosine":
-            span = max(1, total - sc.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - sc.warmup_steps) / span)))
+        if sc.schedule in ("linear", "cosine"):
+            frac = min(1.0, (step - sc.warmup_steps) / max(1, total - 1 - sc.warmup_steps))
+            shape = 1 - frac if sc.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+            return floor + (1 - floor) * shape
         if sc.schedule == "step" and sc.step_size > 0:
             return sc.gamma ** (step // sc.step_size)
         return 1.0

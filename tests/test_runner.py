@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from amisbench import cli
-from amisbench.runner import batch_indices, run
+from amisbench.config import StageConfig
+from amisbench.runner import batch_indices, lr_factor, run
 
 SMOKE = dict(profile="smoke", quiet=True)
 
@@ -99,6 +100,8 @@ def test_sigkill_during_training_resumes_to_the_same_metrics(tmp_path):
     (["--method", "ssn", "--dataset", "synthetic", "--variant", "x"], "unknown variant 'x'"),
     (["--method", "ssn", "--dataset", "synthetic", "--seeds", "0"], "expected a positive number of seeds"),
     (["--method", "ssn", "--dataset", "synthetic", "--device", "tpu"], "expected cpu, cuda"),
+    (["--method", "ssn", "--dataset", "synthetic", "--set", "train.main.min_lr=1"],
+     "train.main.min_lr: expected a value between 0 and lr"),
 ])
 def test_usage_errors_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
     rc = cli.main(["run", *argv, "--results", str(tmp_path / "res")])
@@ -151,3 +154,18 @@ def test_interrupted_evaluation_resumes_at_the_next_batch(tmp_path):
     assert resumed == straight
     assert (tmp_path / "a" / "per_image.csv").read_text() == (tmp_path / "b" / "per_image.csv").read_text()
     assert not (tmp_path / "b" / PARTIAL).exists()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decaying_schedules_reach_min_lr_at_the_last_step(schedule):
+    sc = StageConfig(lr=1e-4, min_lr=1e-6, schedule=schedule, warmup_steps=2)
+    f = lr_factor(sc, total=12)
+    lrs = [sc.lr * f(k) for k in range(12)]
+    assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4)  # warm-up
+    assert lrs[-1] == pytest.approx(1e-6)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone after the warm-up
+    mid = 2 + (12 - 1 - 2) / 2  # halfway through the decay both shapes are at the mean of lr and min_lr
+    assert sc.lr * f(mid) == pytest.approx((1e-4 + 1e-6) / 2)
+    if schedule == "linear":  # CCDM's polynomial decay of power 1: equal steps
+        steps = [a - b for a, b in zip(lrs[2:], lrs[3:])]
+        assert max(steps) == pytest.approx(min(steps))
