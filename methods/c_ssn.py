@@ -11,15 +11,12 @@ information). ``nfe(n) = min(n, A)`` with ``mix`` (one U-Net pass per image and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Union
 
-import torch
-
-from amisbench.api import DataSpec
 from amisbench.registry import register_method
 
-from .c_prob_unet import pick_styled_reader, style_plan, styled_sample, with_style
+from ._style import StyleConditioned
 from .ssn import SSN, SSNConfig
 
 
@@ -29,25 +26,7 @@ class CSSNConfig(SSNConfig):
 
 
 @register_method("c_ssn")
-class CSSN(SSN):
+class CSSN(StyleConditioned, SSN):
     """c-SSN: SSN with a one-hot reader-style input (Zepf et al. 2023)."""
 
     Config = CSSNConfig
-
-    def __init__(self, cfg: CSSNConfig, spec: DataSpec):
-        super().__init__(cfg, replace(spec, channels=spec.channels + spec.readers))
-        self.spec = spec
-        self.styles = spec.readers
-        style_plan(cfg.style, 1, self.styles, "method.style")
-
-    def loss(self, stage, images, masks):
-        idx, y = pick_styled_reader(masks)
-        return super().loss(stage, with_style(images, idx, self.styles), y)
-
-    @torch.no_grad()
-    def sample(self, images, n, *, generator=None, context=None):
-        base = lambda x, m, g: SSN.sample(self, x, m, generator=g)  # noqa: E731
-        return styled_sample(base, images, n, self.cfg.style, self.styles, generator, "method.style")
-
-    def nfe(self, n: int) -> int:
-        return min(n, self.styles) if self.cfg.style == "mix" else 1

@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from amisbench import cli
-from amisbench.config import (EvalConfig, StageConfig, apply_tree, coerce, parse_set, read_yaml, resolve,
-                              to_plain)
+from amisbench.config import StageConfig, apply_tree, coerce, parse_set, read_yaml, resolve
 from amisbench.errors import UserError
 
 

@@ -1,8 +1,5 @@
 """ISIC3 (Zepf et al. subset): prepare the isic256_3_style folder, load, split, augment, report bad folders."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +10,7 @@ from amisbench.datasets._prepare import prepare
 from amisbench.datasets.isic3 import ISIC3, ISIC3Config
 from amisbench.errors import UserError
 
-_spec = importlib.util.spec_from_file_location("amisbench_test_data_formats",
-                                               Path(__file__).parent / "fixtures" / "data_formats.py")
-F = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = F
-    _spec.loader.exec_module(F)
+import data_formats as F  # tests/fixtures, put on sys.path by tests/conftest.py
 
 SPLITS = ("train", "val", "test")
 

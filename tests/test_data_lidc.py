@@ -1,8 +1,6 @@
 """LIDC-IDRI: prepare from each real format, load, split without leakage, and fail clearly on bad input."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +13,7 @@ from amisbench.datasets._prepare import prepare
 from amisbench.datasets.lidc import LIDC, LIDCConfig
 from amisbench.errors import UserError
 
-_spec = importlib.util.spec_from_file_location("amisbench_test_data_formats",
-                                               Path(__file__).parent / "fixtures" / "data_formats.py")
-F = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = F
-    _spec.loader.exec_module(F)
+import data_formats as F  # tests/fixtures, put on sys.path by tests/conftest.py
 
 SPLITS = ("train", "val", "test")
 

@@ -1,11 +1,9 @@
 """The restricted unpickler of the LIDC pickle: what it reads, what it refuses, and that refused code never runs."""
 
-import importlib.util
 import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +12,7 @@ from amisbench.datasets._prepare import prepare
 from amisbench.datasets._unpickle import load
 from amisbench.errors import UserError
 
-_spec = importlib.util.spec_from_file_location("amisbench_test_data_formats",
-                                               Path(__file__).parent / "fixtures" / "data_formats.py")
-F = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = F
-    _spec.loader.exec_module(F)
+import data_formats as F  # tests/fixtures, put on sys.path by tests/conftest.py
 
 
 class RunsShell:
