@@ -27,6 +27,9 @@ and ``fcomb`` weights (the Prob. U-Net port's ``l2_regularisation``). The stage-
 is 1e-6 with 500 training images (the paper's few-shot setting); ``paper`` keeps the learning rate and gives
 the stage 5,000 steps of batch 10 (= the release's 100 epochs of 500 images) over our training split.
 
+Deviations: one Adam optimizer for all stage-1 parameters (the release gives the mask weights their own
+AdamW with eps 1e-4); the IoU head keeps its first two pretrained layers (unused by P2SAM either way).
+
 ``sam_init: random`` builds the same model without pretrained weights (``quick``/``smoke`` and tests, which
 also train the encoder, ``train_encoder: true``, since a random encoder has nothing to adapt). That is not
 the published method: the table row of P2SAM is only comparable with a real checkpoint.

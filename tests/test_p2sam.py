@@ -132,12 +132,15 @@ def test_an_official_checkpoint_loads_and_adapts(tmp_path):
     assert torch.equal(small.image_encoder.blocks[0].attn.qkv.weight, sd["image_encoder.blocks.0.attn.qkv.weight"])
     assert torch.equal(small.mask_decoder.iou_prediction_head.layers[0].weight,
                        sd["mask_decoder.iou_prediction_head.layers.0.weight"])
-    assert small.image_encoder.pos_embed.shape == (1, 4, 4, SMALL["embed_dim"])
-    # bicubic resizing of a constant embedding is that constant
-    const = {k: (torch.full_like(v, 0.5) if k == "image_encoder.pos_embed" else v) for k, v in sd.items()}
-    torch.save(const, path)
-    load_sam_checkpoint(small, path)
-    torch.testing.assert_close(small.image_encoder.pos_embed, torch.full((1, 4, 4, SMALL["embed_dim"]), 0.5))
+    # SAMed's resizing: the 8x8 position grid bilinearly to 4x4 (align_corners=False averages 2x2 blocks)
+    pos = sd["image_encoder.pos_embed"]
+    want = pos.unflatten(1, (4, 2)).unflatten(3, (4, 2)).mean(dim=(2, 4))
+    torch.testing.assert_close(small.image_encoder.pos_embed.detach(), want)
+    # a global block's relative table (2*8-1 rows) linearly to 2*4-1 rows: the ends map inside the old range
+    rel = sd["image_encoder.blocks.1.attn.rel_pos_h"]
+    got = small.image_encoder.blocks[1].attn.rel_pos_h.detach()
+    assert got.shape == (7, rel.shape[1])
+    torch.testing.assert_close(got[3], rel[7])  # the centre row (offset 0) stays the centre row
 
 
 class _Payload:

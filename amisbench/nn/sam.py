@@ -5,9 +5,9 @@ decoder, written for this suite with the parameter names of the official release
 What differs from the release, on purpose:
 - Any square input size that is a multiple of the patch size, and any number of output masks (the
   SAMed-style adaptation that P2SAM builds on: 128 px inputs, 8 masks). :func:`load_sam_checkpoint`
-  adapts an official checkpoint: the absolute position embedding is resized bicubically and the relative
-  position tables of the global-attention blocks linearly (the interpolation the release itself applies to
-  tables of the wrong length at run time); mask tokens, hypernetwork MLPs and the IoU head are kept when
+  adapts an official checkpoint as SAMed's loader does: the absolute position embedding is resized
+  bilinearly and the relative position tables of the global-attention blocks linearly (the interpolation the
+  release itself applies to tables of the wrong length at run time); mask tokens, hypernetwork MLPs and the IoU head are kept when
   their count matches and newly initialised otherwise.
 - Optional LoRA (Hu et al. 2022) on the query and value projections of every encoder block
   (``attn.lora_{q,v}_{a,b}``), the adaptation P2SAM trains.
@@ -476,7 +476,7 @@ def load_sam_checkpoint(model: SAM, path: str | Path) -> dict[str, list[str]]:
             out[name] = value.to(target.dtype)
         elif name == "image_encoder.pos_embed":
             g = target.shape[1]
-            out[name] = F.interpolate(value.permute(0, 3, 1, 2).float(), size=(g, g), mode="bicubic",
+            out[name] = F.interpolate(value.permute(0, 3, 1, 2).float(), size=(g, g), mode="bilinear",
                                       align_corners=False).permute(0, 2, 3, 1).to(target.dtype)
             report["resized"].append(name)
         elif name.endswith(("rel_pos_h", "rel_pos_w")) and value.shape[1] == target.shape[1]:
