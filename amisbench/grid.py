@@ -116,6 +116,22 @@ def sweep_folder(results: Path | str, combo: list[tuple[str, str]]) -> Path:
     return Path(results) / "sweeps" / re.sub(r"[^A-Za-z0-9.=,_+-]+", "_", name)
 
 
+def split_scoped_sets(sets: list[str], methods: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--set`` entries for every job, and those scoped to one method (``METHOD:KEY=VALUE``)."""
+    common: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for entry in sets:
+        key = entry.split("=", 1)[0]
+        if ":" not in key:
+            common.append(entry)
+            continue
+        name, _, rest = entry.partition(":")
+        if name not in methods:
+            raise UserError(f"--set {entry}: method '{name}' is not in this grid ({', '.join(sorted(methods))})")
+        scoped.setdefault(name, []).append(rest)
+    return common, scoped
+
+
 def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str = "quick",
            variants: list[str] | None = None, sets: list[str] | None = None, sweeps: list[str] | None = None,
            results: Path | str | None = None, protocol: str | None = None, data_root: str | None = None,
@@ -124,7 +140,8 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     folder holds a finished run of the same config. Writes nothing.
 
     A method may be given as ``method-variant`` (e.g. ``atfm-act_gtr``); ``variants`` multiplies every
-    method (``none`` = the default variant).
+    method (``none`` = the default variant). A ``sets`` entry ``METHOD:KEY=VALUE`` applies to that method's
+    jobs only (e.g. ``p2sam:method.sam_checkpoint=PATH`` in a Table 1 grid).
     """
     import json
 
@@ -142,13 +159,14 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
         base, _, own = m.partition("-")
         for v in ([own] if own else vlist):
             pairs.append((base, v))
+    common, scoped = split_scoped_sets(sets or [], {m for m, _ in pairs})
     sweep_axes = parse_sweeps(sweeps)
     combos = list(itertools.product(*[[(k, v) for v in vals] for k, vals in sweep_axes])) or [()]
     jobs: list[Job] = []
     for ds, (m, v), combo, seed in itertools.product(datasets, pairs, combos, range(seeds)):
         extra = [f"{k}={val}" for k, val in combo]
         res_dir = sweep_folder(root, list(combo)) if combo else (Path(results) if results is not None else None)
-        job = Job(m, ds, seed, profile, v, [*(sets or []), *extra],
+        job = Job(m, ds, seed, profile, v, [*common, *scoped.get(m, []), *extra],
                   None if res_dir is None else str(res_dir), protocol, data_root, device)
         res, folder = prepare(RunSpec(m, ds, seed, profile, v, job.sets, device, res_dir or root, False,
                                       data_root, protocol))
@@ -370,7 +388,7 @@ def configure_parser(p) -> None:
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
     p.add_argument("--device", default="cpu", help="device of every run (default cpu; local --devices sets cuda)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every run")
+                   help="override a config value in every run; METHOD:KEY=VALUE in that method's runs only")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
                    help="one set of runs per value, each under <results>/sweeps/KEY=V/ (e.g. method.alpha=0,1e-3)")
     p.add_argument("--launcher", default="print", choices=LAUNCHERS, help="print (default), local, slurm, submitit")

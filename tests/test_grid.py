@@ -36,6 +36,19 @@ def test_expand_methods_variants_seeds_and_sweeps(tmp_path):
         grid.expand(["ssn"], ["synthetic"], 1, variants=["x"], results=tmp_path)
 
 
+def test_a_set_scoped_to_one_method_reaches_only_its_jobs(tmp_path):
+    jobs = grid.expand(["ssn", "p2sam"], ["synthetic"], 1, profile="paper", results=tmp_path,
+                       sets=["eval.max_images=4", "p2sam:method.sam_checkpoint=/w/sam.pth", "ssn:method.rank=5"])
+    by = {j.method: j for j in jobs}
+    assert by["ssn"].sets == ["eval.max_images=4", "method.rank=5"]
+    assert by["p2sam"].sets == ["eval.max_images=4", "method.sam_checkpoint=/w/sam.pth"]
+    assert "--set method.sam_checkpoint=/w/sam.pth" in by["p2sam"].line() and "sam_checkpoint" not in by["ssn"].line()
+    with pytest.raises(UserError, match="--set atfm:method.steps=3: method 'atfm' is not in this grid"):
+        grid.expand(["ssn"], ["synthetic"], 1, results=tmp_path, sets=["atfm:method.steps=3"])
+    with pytest.raises(UserError, match="unknown key 'rank'"):  # a scoped key is still checked
+        grid.expand(["ssn", "p2sam"], ["synthetic"], 1, results=tmp_path, sets=["p2sam:method.rank=3"])
+
+
 def test_finished_runs_are_skipped_only_with_the_same_config(tmp_path, capsys):
     res, folder = prepare(RunSpec("ssn", "synthetic", 1, "smoke", results=tmp_path))
     folder.mkdir(parents=True)
