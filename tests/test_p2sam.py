@@ -148,7 +148,7 @@ class _Payload:
         return (print, ("payload ran",))
 
 
-@pytest.mark.parametrize("case", ["missing", "hostile", "not_tensors", "vit_h", "shape"])
+@pytest.mark.parametrize("case", ["missing", "hostile", "not_tensors", "vit_h", "shape", "incomplete"])
 def test_bad_checkpoints_get_one_sentence(tmp_path, case):
     sam = SAM(SAMConfig(**SMALL), 32, masks=8)
     path = tmp_path / "ckpt.pth"
@@ -167,9 +167,13 @@ def test_bad_checkpoints_get_one_sentence(tmp_path, case):
         good["image_encoder.blocks.0.mlp.lin1.weight"] = torch.zeros(7, 7)
         torch.save(good, path)
         expect = "image_encoder.blocks.0.mlp.lin1.weight has shape (7, 7)"
+    elif case == "incomplete":
+        del good["image_encoder.neck.0.weight"]
+        torch.save(good, path)
+        expect = "lacks 1 of the entries the model needs, e.g. image_encoder.neck.0.weight"
     else:
         expect = "does not exist"
-    with pytest.raises(UserError, match=None) as err:
+    with pytest.raises(UserError) as err:
         load_sam_checkpoint(sam, path)
     assert expect in str(err.value) and str(path) in str(err.value)
     assert "\n" not in str(err.value)

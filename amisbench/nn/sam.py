@@ -488,6 +488,6 @@ def load_sam_checkpoint(model: SAM, path: str | Path) -> dict[str, list[str]]:
     missing = [n for n in own if n not in out and ".lora_" not in n
                and not (fresh_tokens and n.startswith(_MASK_TOKEN_PREFIXES))]
     if missing:
-        raise UserError(f"SAM checkpoint {path} lacks {len(missing)} entries the model needs, e.g. {missing[0]}")
+        raise UserError(f"SAM checkpoint {path} lacks {len(missing)} of the entries the model needs, e.g. {missing[0]}")
     model.load_state_dict(out, strict=False)
     return report
