@@ -71,6 +71,7 @@ class EvalConfig:
     batch_images: int = 8
     max_images: int | None = None  # None: the whole split
     amp: bool = False  # bfloat16 autocast while sampling on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the method's networks before sampling (Method.compile_targets)
 
 
 @dataclass

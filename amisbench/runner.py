@@ -390,6 +390,10 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
     rep.line(f"{name}: evaluating on {cfg.eval.split} "
              f"({min(len(eval_ds), cfg.eval.max_images or len(eval_ds))} images x {cfg.eval.n_samples} samples)")
     t_eval = time.time()
+    if cfg.eval.compile:
+        from .api import compile_networks
+
+        rep.line(f"{name}: compiling {', '.join(compile_networks(model)) or 'nothing'} with torch.compile")
     n_batches = math.ceil(min(len(eval_ds), cfg.eval.max_images or len(eval_ds)) / max(1, cfg.eval.batch_images))
     rep.start("eval", n_batches)
     try:

@@ -158,7 +158,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
                 sets: list[str] | None = None, table_settings: bool = True, warmup: int = 1,
                 dtype: str = "float32", results: Path | str | None = None, protocol: str | None = None,
                 data_root: str | None = None, save: bool = True,
-                inference: dict[str, list[str]] | None = None) -> dict:
+                inference: dict[str, list[str]] | None = None, compile: bool = False) -> dict:
     """Time ``method`` on ``dataset`` by the Table 3 protocol (module docstring); returns the record.
 
     Args:
@@ -185,6 +185,13 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         print(f"amisbench timing: the {dataset} evaluation split has only {k} images", file=sys.stderr)
     batch = [ds[i]["image"][None].to(dev) for i in range(k)]
     amp = dtypes[dtype]
+    compiled: list[str] = []
+    if compile:
+        from .api import compile_networks
+
+        if warmup < 1:
+            raise UserError("--compile needs at least one --warmup call (compilation happens at the first call)")
+        compiled = compile_networks(model)
 
     def draw(x: torch.Tensor, i: int) -> torch.Tensor:
         from .seeding import generator
@@ -229,7 +236,8 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         "nfe": total, "nfe_fixed": fixed, "nfe_per_sample": per, "nfe_label": nfe_label(fixed, per),
         "peak_memory_bytes": peak, "memory_kind": mem_kind,
         "device": str(dev), "device_tag": device_tag(dev), "device_name": device_name(dev),
-        "dtype": "float32" if amp is None else f"autocast {dtype}",
+        "dtype": ("float32" if amp is None else f"autocast {dtype}") + (" + torch.compile" if compile else ""),
+        "compiled": compiled,
         "sample_chunk": getattr(getattr(model, "cfg", None), "sample_chunk", None),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "sets": [*table_sets, *(sets or [])], "parameters": sum(p.numel() for p in model.parameters()),
@@ -299,6 +307,8 @@ def configure_parser(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="float32 (default) or autocast to a lower precision")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the method's networks first (compiled during the warm-up calls)")
     p.add_argument("--profile-settings", action="store_true",
                    help="sample with the profile's settings instead of the paper's (Table 3 of configs/tables.yaml)")
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
@@ -316,7 +326,7 @@ def command(a) -> int:
     for m in methods:
         rec = time_method(m, a.dataset, samples=a.samples, images=a.images, profile=a.profile, device=a.device,
                           untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
-                          table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype,
+                          table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype, compile=a.compile,
                           results=a.results, protocol=a.protocol, data_root=a.data_root)
         print(f"{m}: median {rec['median_s']:.3f} s for {a.samples} samples -> {rec['path']}", file=sys.stderr)
         recs.append(rec)

@@ -157,6 +157,9 @@ class P2SAM(Method):
         for p in self.trainable(stage):
             p.requires_grad_(True)
 
+    def compile_targets(self) -> list[str]:
+        return ["sam.image_encoder", "sam.mask_decoder", "prior", "fcomb"]  # SAM is used through its parts
+
     # -- model ------------------------------------------------------------------------------------------------
     def weights(self) -> Tensor:
         """(masks,) combination weights: w_0 = 1 - sum of the learnt others."""

@@ -27,6 +27,7 @@ amisbench table --dataset synthetic --results "$R" --profile smoke > "$OUT/smoke
 T="timeout ${TT:-100} python -P -m amisbench.cli timing --dataset synthetic --profile paper --untrained --device cuda"
 $T --method atfm,ssn,prob_unet,phiseg,mose --images 3 --dtype float32 --results "$OUT/t32" 2>&1 | tail -12
 $T --method atfm --images 3 --dtype bfloat16 --results "$OUT/tbf16" 2>&1 | tail -6
+$T --method atfm --images 3 --dtype bfloat16 --compile --warmup 2 --results "$OUT/tcompile" 2>&1 | tail -6
 $T --method ccdm,cimd,analog_bits --images 1 --dtype bfloat16 --results "$OUT/tdiff" 2>&1 | tail -8
 # P2SAM's SAM ViT-B without the user's checkpoint (the same network, random weights: timing only)
 $T --method p2sam --images 3 --dtype float32 --set method.sam_init=random --results "$OUT/tp2sam" 2>&1 | tail -5

@@ -80,3 +80,12 @@ def test_state_dict_round_trip(name, tmp_path):
     for stage in b.stages:
         b.on_stage_start(stage)
     assert torch.equal(_sample(a, images, 4, 9, ctx), _sample(b, images, 4, 9, ctx))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_targets_name_modules_with_parameters(name):
+    res, ds, *_ = _setup(name)
+    model = _build(name, res, ds)
+    for target in model.compile_targets():
+        sub = model.get_submodule(target)  # raises AttributeError for a wrong name
+        assert any(True for _ in sub.parameters()), f"{name}: {target} has no parameters"

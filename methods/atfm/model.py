@@ -133,6 +133,9 @@ class ATFM(Method):
             return self.st_net.parameters()
         raise UserError(f"atfm: unknown stage '{stage}'; known: {', '.join(self.stages)}")
 
+    def compile_targets(self) -> list[str]:
+        return ["st_net"]  # 25 evaluations per sample; the GTR runs once and returns a distribution object
+
     def on_stage_start(self, stage: str) -> None:
         frozen = stage == "sfm"
         self._gtr_frozen = frozen
