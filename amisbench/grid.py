@@ -381,12 +381,16 @@ def configure_parser(p) -> None:
     p.add_argument("--dataset", default=None, help="dataset name(s), comma-separated")
     p.add_argument("--table", default=None, help="the runs of a table of configs/tables.yaml (1, 2, 4): its "
                    "implemented rows as methods and its dataset unless --method / --dataset say otherwise")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument("--grid", default=None, metavar="NAME|FILE",
+                   help="a grid definition: configs/grids/NAME.yaml or a YAML file (keys as these flags: method, "
+                   "dataset, table, seeds, variant, profile, protocol, data_root, device, set, sweep); flags "
+                   "given on the command line win, set/sweep entries add up")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1)")
     p.add_argument("--variant", default=None, help="variant(s) of every method, comma-separated; none = default")
-    p.add_argument("--profile", default="quick", choices=PROFILES, help="scale: smoke, quick (default), paper")
+    p.add_argument("--profile", default=None, choices=PROFILES, help="scale: smoke, quick (default), paper")
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
-    p.add_argument("--device", default="cpu", help="device of every run (default cpu; local --devices sets cuda)")
+    p.add_argument("--device", default=None, help="device of every run (default cpu; local --devices sets cuda)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every run; METHOD:KEY=VALUE in that method's runs only")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
@@ -446,9 +450,66 @@ def table_grid(table: str | None, method: str | None, dataset: str | None) -> tu
     return methods, _split_list(dataset, "--dataset") if dataset else [d.dataset]
 
 
+GRID_KEYS = {"description": str, "method": (str, list), "dataset": (str, list), "table": (str, int),
+             "seeds": int, "variant": (str, list), "profile": str, "protocol": str, "data_root": str,
+             "device": str, "set": list, "sweep": list}
+FLAG_DEFAULTS = {"seeds": 1, "profile": "quick", "device": "cpu"}
+
+
+def load_grid(name_or_path: str) -> tuple[dict, Path]:
+    """A grid definition: ``configs/grids/<name>.yaml`` shipped with the package, or a YAML file path.
+    Values are checked by key and type; lists become the comma-separated strings the flags take."""
+    from .config import packaged_config, read_yaml
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        found = packaged_config("grids", f"{name_or_path}.yaml")
+        if found is None:
+            known = sorted(q.stem for q in (packaged_config("tables.yaml") or Path(".")).parent.glob("grids/*.yaml"))
+            raise UserError(f"--grid {name_or_path}: no such file and no configs/grids/{name_or_path}.yaml; "
+                            f"known: {', '.join(known) or 'none'}")
+        path = found
+    data = read_yaml(path, "grid")
+    if not isinstance(data, dict):
+        raise UserError(f"grid file {path}: expected a mapping of keys ({', '.join(GRID_KEYS)})")
+    out: dict = {}
+    for key, value in data.items():
+        if key not in GRID_KEYS:
+            raise UserError(f"grid file {path}: unknown key '{key}'; known: {', '.join(GRID_KEYS)}")
+        want = GRID_KEYS[key]
+        if not isinstance(value, want) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise UserError(f"grid file {path}: '{key}' should be {names}, got {type(value).__name__}")
+        if key in ("set", "sweep") and not all(isinstance(v, str) for v in value):
+            raise UserError(f"grid file {path}: '{key}' should be a list of KEY=VALUE strings")
+        out[key] = ",".join(map(str, value)) if isinstance(value, list) and key not in ("set", "sweep") else value
+    return out, path
+
+
+def apply_grid(a) -> None:
+    """Fill the flags the command line left unset from ``--grid``, then the flag defaults."""
+    if a.grid:
+        g, _ = load_grid(a.grid)
+        for key, attr in (("method", "method"), ("dataset", "dataset"), ("table", "table"), ("seeds", "seeds"),
+                          ("variant", "variant"), ("profile", "profile"), ("protocol", "protocol"),
+                          ("data_root", "data_root"), ("device", "device")):
+            if key in g and getattr(a, attr) is None:
+                setattr(a, attr, str(g[key]) if key == "table" else g[key])
+        a.sets = [*g.get("set", []), *a.sets]
+        a.sweeps = [*g.get("sweep", []), *a.sweeps]
+    for attr, default in FLAG_DEFAULTS.items():
+        if getattr(a, attr) is None:
+            setattr(a, attr, default)
+    from .config import PROFILES
+
+    if a.profile not in PROFILES:
+        raise UserError(f"grid: unknown profile '{a.profile}'; known: {', '.join(PROFILES)}")
+
+
 def command(a) -> int:
     from .runner import default_results
 
+    apply_grid(a)
     results = a.results if a.results is not None else default_results()
     devices = _split_list(a.devices, "--devices") if a.devices else None
     if a.workers < 1:

@@ -199,3 +199,46 @@ def test_grid_of_a_table_uses_its_implemented_rows_and_dataset(capsys):
     assert cli.main(["grid", "--table", "3"]) == 2
     assert "built by `amisbench timing`" in capsys.readouterr().err
     assert cli.main(["grid", "--dataset", "synthetic"]) == 2
+
+
+def test_grid_definitions_from_yaml(tmp_path, capsys):
+    # a shipped definition: Table 1's implemented rows, paper profile, 5 seeds; the command line wins
+    assert cli.main(["grid", "--grid", "table1_paper", "--dataset", "synthetic", "--seeds", "2",
+                     "--results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * len([m for m in ["prob_unet", "phiseg", "ssn", "mose", "p2sam", "cimd", "analog_bits",
+                                               "ccdm", "atfm"] if m in METHODS])
+    assert all("--profile paper" in ln and "--dataset synthetic" in ln for ln in lines)
+    p2sam = [ln for ln in lines if "--method p2sam" in ln]
+    assert p2sam and all("--set method.sam_checkpoint=sam_vit_b_01ec64.pth" in ln for ln in p2sam)
+    # a user file: lists for methods, set entries add up with the command line's
+    f = tmp_path / "mine.yaml"
+    f.write_text("method: [ssn, atfm-act_gtr]\ndataset: synthetic\nprofile: smoke\nseeds: 1\n"
+                 "set: ['train.default.steps=2']\n")
+    assert cli.main(["grid", "--grid", str(f), "--set", "eval.max_images=2", "--results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"amisbench run --method ssn --dataset synthetic --seed 0 --profile smoke --results {tmp_path} "
+                     "--set train.default.steps=2 --set eval.max_images=2",
+                     f"amisbench run --method atfm --dataset synthetic --seed 0 --profile smoke --variant act_gtr "
+                     f"--results {tmp_path} --set train.default.steps=2 --set eval.max_images=2"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: ssn\ndataset: synthetic\nseed: 3\n", "unknown key 'seed'; known: description, method"),
+    ("method: ssn\ndataset: synthetic\nseeds: three\n", "'seeds' should be int, got str"),
+    ("method: ssn\nset: train.main.steps=2\n", "'set' should be list, got str"),
+    ("method: [ssn\n", "is not valid YAML at line"),
+    ("- ssn\n", "expected a mapping of keys"),
+])
+def test_bad_grid_files_get_one_sentence(tmp_path, capsys, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    assert cli.main(["grid", "--grid", str(f), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(f) in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_grid_name_lists_the_shipped_ones(tmp_path, capsys):
+    assert cli.main(["grid", "--grid", "nope", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--grid nope: no such file and no configs/grids/nope.yaml; known: quick_synthetic, table1_paper" in err
