@@ -54,6 +54,25 @@ def _write_rows(path: Path, rows: list[list[Any]], done: int | None = None) -> N
     atomic_write_text(path, buf.getvalue())
 
 
+def sample_items(method: torch.nn.Module, dataset: Any, indices: list[int], images: torch.Tensor, n: int, *,
+                 generator: torch.Generator | None, ids: list[str] | None = None) -> torch.Tensor:
+    """``method.sample`` of the dataset items ``indices`` (their images stacked on the device), with the
+    :class:`SampleContext` that reference methods (``wants_context``) need, and the output checked.
+
+    Every caller that samples dataset images (evaluation, figures, timing) goes through here.
+    """
+    ctx = None
+    if getattr(method, "wants_context", False):
+        ctx = SampleContext(dataset, list(indices), ids if ids is not None else [dataset[i]["id"] for i in indices])
+    with torch.no_grad():
+        samples = method.sample(images, n, generator=generator, context=ctx)
+    expected = (len(indices), n, *images.shape[-2:])
+    if tuple(samples.shape) != expected or samples.dtype != torch.bool:
+        raise RuntimeError(f"{type(method).__name__}.sample returned {samples.dtype} {tuple(samples.shape)}; "
+                           f"expected torch.bool {expected}")
+    return samples
+
+
 def evaluate(method: torch.nn.Module, dataset: Any, ecfg: EvalConfig, *, seed: int, device: torch.device,
              out_dir: Path, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Score ``method`` on ``dataset``; writes ``per_image.csv`` into ``out_dir`` and returns the means.
@@ -76,15 +95,10 @@ def evaluate(method: torch.nn.Module, dataset: Any, ecfg: EvalConfig, *, seed: i
         items = [dataset[i] for i in idx]
         images = torch.stack([it["image"] for it in items]).to(device)
         gts = torch.stack([it["masks"] for it in items]).to(device).bool()
-        ctx = SampleContext(dataset, idx, [it["id"] for it in items]) if getattr(method, "wants_context", False) else None
         g = generator(device, "eval", seed, b)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                             enabled=ecfg.amp and device.type == "cuda"):
-            samples = method.sample(images, ecfg.n_samples, generator=g, context=ctx)
-        expected = (len(idx), ecfg.n_samples, *images.shape[-2:])
-        if tuple(samples.shape) != expected or samples.dtype != torch.bool:
-            raise RuntimeError(f"{type(method).__name__}.sample returned {samples.dtype} {tuple(samples.shape)}; "
-                               f"expected torch.bool {expected}")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ecfg.amp and device.type == "cuda"):
+            samples = sample_items(method, dataset, idx, images, ecfg.n_samples, generator=g,
+                                   ids=[it["id"] for it in items])
         vals = M.table_metrics(samples, gts, ns=ns, hm_n=ecfg.hm_iou_n, mdm_n=ecfg.mdm_n)
         if has_truth:
             truth = np.stack([dataset.true_masks(i, ecfg.true_samples, derive_seed("true", i)) for i in idx])

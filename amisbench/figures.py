@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .evaluate import sample_items
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,8 +170,7 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
         grids[m] = []
         for i in idx:
             x = ds[i]["image"][None].to(dev)
-            with torch.no_grad():
-                s = model.sample(x, k, generator=generator(dev, "figure", seed, i))
+            s = sample_items(model, ds, [i], x, k, generator=generator(dev, "figure", seed, i))
             grids[m].append(s[0].cpu().numpy())
         data["methods"][m] = grids[m]
     # columns: image | readers | spacer | method 1 samples | spacer | method 2 ...
@@ -230,8 +230,7 @@ def evaluate_subset(model: Any, ds: Any, indices: list[int], *, samples: int, se
         part = indices[s:s + batch]
         x = torch.stack([ds[i]["image"] for i in part]).to(device)
         gts = torch.stack([ds[i]["masks"] for i in part]).to(device).bool()
-        with torch.no_grad():
-            out = model.sample(x, samples, generator=generator(device, "figure-eval", seed, s))
+        out = sample_items(model, ds, part, x, samples, generator=generator(device, "figure-eval", seed, s))
         hm = min(32, samples)
         res = table_metrics(out, gts, ns=(samples,), hm_n=hm, mdm_n=None)
         for key, v in res.items():

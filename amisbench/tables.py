@@ -527,6 +527,7 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
     mine = recs.get(devices[0], {}) if devices else {}
     t.spread, t.count_label = "iqr", "images"
     other_profile = []
+    used: dict[str, dict] = {}  # row key -> the record shown in that row (its own label or one of `also`)
     for r in d.rows:
         rec = next((mine[lab] for lab in [r.key, *r.also] if lab in mine), None)
         if rec is not None and profile and rec.get("profile") != profile:
@@ -536,6 +537,7 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
             t.status[r.key] = "not run"
             continue
         t.status[r.key] = ""
+        used[r.key] = rec
         for c in d.columns:
             if c.key == "nfe":
                 t.texts[(r.key, c.key)] = rec.get("nfe_label", str(rec.get("nfe")))
@@ -551,10 +553,10 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
         if rec.get("samples") != 100:
             t.notes.append(f"{r.key} was timed with {rec.get('samples')} samples per image, not 100")
     if devices:
-        profs = sorted({str(mine[r.key].get("profile")) for r in d.rows if r.key in mine})
+        profs = sorted({str(rec.get("profile")) for rec in used.values()})
         t.notes.append(f"ours: median over n test images (one call of 100 samples each, after warm-up), IQR = "
                        f"interquartile range; device {devices[0]}; profile {', '.join(profs)}")
-        setups = [f"{r.key}: {setup_text(mine[r.key])}" for r in d.rows if r.key in mine and not t.status[r.key]]
+        setups = [f"{key}: {setup_text(rec)}" for key, rec in used.items()]
         if setups:
             t.notes.append("setup: " + "; ".join(setups))
     else:
@@ -572,7 +574,7 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
                 continue
             s = t.cells[(r.key, "seconds_100")][0] / ref_s if ref_s > 0 else float("nan")
             txt = f"{r.key}/{ref} time ×{s:.3g}"
-            nfe_a, nfe_b = mine[r.key].get("nfe"), mine[ref].get("nfe")
+            nfe_a, nfe_b = used[r.key].get("nfe"), used[ref].get("nfe")
             if nfe_a and nfe_b:
                 txt += f" (NFE ×{nfe_a / nfe_b:.3g}"
                 p = paper_mean(t.paper.get((r.key, "seconds_100")))

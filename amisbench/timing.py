@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .evaluate import sample_items
 
 TIMING = "timing"
 
@@ -197,8 +198,8 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         from .seeding import generator
 
         g = generator(dev, "timing", seed, i)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return model.sample(x, samples, generator=g)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return sample_items(model, ds, [max(i, 0)], x, samples, generator=g)
 
     for w in range(warmup):
         draw(batch[0], -1 - w)

@@ -97,9 +97,16 @@ class AnalogBits(Method):
         return loss, {"mse": float(loss.detach()), "self_cond": float(used)}
 
     def _times(self) -> list[tuple[float, float]]:
+        """(t_now, t_next) pairs of the sampler, ending with the first pair that reaches t = 0 (with a time
+        difference > 0 that happens before ``sample_steps`` pairs)."""
         s = self.cfg.sample_steps
         td = self.cfg.time_difference
-        return [(1.0 - i / s, max(1.0 - (i + 1 + td) / s, 0.0)) for i in range(s)]
+        out = []
+        for i in range(s):
+            out.append((1.0 - i / s, max(1.0 - (i + 1 + td) / s, 0.0)))
+            if out[-1][1] <= 0.0:
+                break
+        return out
 
     @torch.no_grad()
     def sample(self, images, n, *, generator=None, context=None):
@@ -135,4 +142,4 @@ class AnalogBits(Method):
         return out
 
     def nfe(self, n: int) -> int:
-        return n * self.cfg.sample_steps
+        return n * len(self._times())  # one network evaluation per (t_now, t_next) pair

@@ -126,3 +126,11 @@ def test_alpha_curve_from_runs_that_differ_in_alpha(tmp_path, capsys):
     assert cli.main(["figures", "--dataset", "synthetic", "--kind", "alpha", "--results", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed[0].endswith("figures/synthetic/alpha.png") and _png(printed[0])[..., :3].std() > 0.05
+
+
+def test_samples_figure_of_a_reference_method_that_needs_the_sample_context(tmp_path):
+    # the oracle draws from the dataset's true reader distribution: it needs the dataset items it samples
+    run("oracle", "synthetic", profile="smoke", results=tmp_path, quiet=True)
+    fig = figures.samples_figure(tmp_path, "synthetic", ["oracle"], images=[1], k=4)
+    (draws,) = fig.data["methods"]["oracle"]
+    assert draws.shape == (4, 32, 32) and draws.any()

@@ -157,6 +157,16 @@ def test_strided_times_and_nfe():
     assert _smoke("analog_bits", sample_steps=7).nfe(100) == 700
 
 
+def test_analog_bits_nfe_counts_the_network_calls_with_a_time_difference():
+    for td, calls in ((0.0, 10), (1.0, 9)):
+        model = _smoke("analog_bits", sample_steps=10, time_difference=td).eval()
+        seen = []
+        hook = model.net.register_forward_hook(lambda *a: seen.append(1))
+        model.sample(torch.zeros(1, 1, 32, 32), 1, generator=torch.Generator().manual_seed(0))
+        hook.remove()
+        assert len(seen) == calls == model.nfe(1)
+
+
 def test_cimd_eps_and_x0_parameterisations_agree_on_x0():
     model = _smoke("cimd")
     x0 = torch.randn((3, 1, 4, 4), dtype=D64)
