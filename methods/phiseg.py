@@ -240,4 +240,4 @@ class PHiSeg(Method):
         return out
 
     def nfe(self, n: int) -> int:
-        return 1 + n  # the prior encoder once per image; the likelihood net (and the prior's latent part) per sample
+        return n  # the likelihood net (and the prior's latent part) runs once per sample

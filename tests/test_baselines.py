@@ -73,18 +73,6 @@ def test_forward_process_rows_sum_to_one_and_end_uniform(k):
     assert torch.allclose(q_xt_given_x0(x0, ab[T].expand(4)), torch.full_like(x0, 1 / k), atol=0)
 
 
-def test_schedule_is_a_consistent_markov_chain():
-    """abar_t = prod alpha_s, so Qbar_t = Qbar_{t-1} Q_t with Q_t = alpha_t I + (1 - alpha_t) / K."""
-    T, k = 20, 3
-    ab = cosine_alpha_bar(T)
-    one = torch.ones(k, k, dtype=D64) / k
-    eye = torch.eye(k, dtype=D64)
-    qbar = lambda a: a * eye + (1 - a) * one  # noqa: E731
-    for t in range(1, T + 1):
-        alpha = ab[t] / ab[t - 1]
-        assert torch.allclose(qbar(ab[t - 1]) @ qbar(alpha), qbar(ab[t]), atol=1e-12)
-
-
 def _bayes_posterior(ab, t, s, k):
     """q(x_s = i | x_t = j, x_0 = c) by Bayes' rule on the transition matrices: [c, j, i]."""
     eye, one = torch.eye(k, dtype=D64), torch.ones(k, k, dtype=D64) / k

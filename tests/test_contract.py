@@ -35,11 +35,13 @@ def _sample(model, images, n, seed, ctx):
 def test_every_stage_trains(name):
     res, ds, images, masks, _ = _setup(name)
     model = _build(name, res, ds)
+    trained = []
     for stage in model.stages:
         model.on_stage_start(stage)
         params = [p for p in model.trainable(stage) if p.requires_grad]
         if not params:
             continue
+        trained.append(stage)
         opt = torch.optim.Adam(params, lr=1e-3)
         for _ in range(2):
             model.train()
@@ -50,6 +52,8 @@ def test_every_stage_trains(name):
             loss.backward()
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), f"{name}/{stage}: no gradient"
             opt.step()
+    # a method with nothing to train must also have no training budget (the oracle); others train something
+    assert trained or all(res.cfg.train[s].steps == 0 for s in model.stages), f"{name}: no stage has parameters"
 
 
 @pytest.mark.parametrize("name", NAMES)

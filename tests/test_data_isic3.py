@@ -172,7 +172,7 @@ def test_resize_for_small_profiles(prepared):
 
 
 def test_cli_prepare_isic_exit_code(tmp_path, capsys):
-    cli = pytest.importorskip("amisbench.cli")
+    from amisbench import cli
     written = F.write_isic(tmp_path / "src", n=4)
     (tmp_path / "src" / "Segmentations" / f"{sorted(written)[0]}_p.png").unlink()
     assert cli.main(["data", "prepare", "isic3", "--from", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
@@ -181,7 +181,7 @@ def test_cli_prepare_isic_exit_code(tmp_path, capsys):
 
 
 def test_isic_smoke_run(tmp_path):
-    runner = pytest.importorskip("amisbench.runner")
+    from amisbench import runner
     import json
 
     F.write_isic(tmp_path / "src", n=10, size=64, image_ext=".jpg")

@@ -404,7 +404,7 @@ def test_flip_only_augmentation_is_an_exact_flip(prepared):
 # ----------------------------------------------------------------------------------------------------
 
 def test_cli_prepare_exit_codes(tmp_path, capsys):
-    cli = pytest.importorskip("amisbench.cli")
+    from amisbench import cli
     (tmp_path / "empty").mkdir()
     assert cli.main(["data", "prepare", "lidc", "--from", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -456,7 +456,7 @@ def test_real_crops_prepare_and_load(real_prepared):
 
 
 def test_real_crops_smoke_run(real_prepared, tmp_path):
-    runner = pytest.importorskip("amisbench.runner")
+    from amisbench import runner
     _, out = real_prepared
     folder = runner.run("ssn", "lidc", profile="smoke", data_root=str(out), results=tmp_path, quiet=True)
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -470,7 +470,7 @@ def test_real_crops_smoke_run(real_prepared, tmp_path):
 
 
 def test_real_crops_leaky_protocol_is_labelled_and_kept_apart(real_prepared, tmp_path):
-    runner = pytest.importorskip("amisbench.runner")
+    from amisbench import runner
     _, out = real_prepared
     folder = runner.run("ssn", "lidc", profile="smoke", data_root=str(out), protocol="atfm-paper", results=tmp_path,
                         quiet=True)

@@ -86,21 +86,29 @@ def test_sam_matches_the_release_on_shared_weights(lora):
     torch.testing.assert_close(ours.prompt_encoder.dense_pe(), ref.prompt_encoder.get_dense_pe())
 
 
-def test_lora_changes_only_q_and_v():
+def test_lora_adds_its_low_rank_update_to_q_and_v_only():
+    from amisbench.nn.sam import EncoderAttention
+
     torch.manual_seed(0)
-    sam = SAM(SAMConfig(**SMALL), 32, lora_rank=2)
-    attn = sam.image_encoder.blocks[0].attn
-    for p in (attn.lora_q_b.weight, attn.lora_v_b.weight):
-        nn.init.normal_(p)
-    x = torch.randn(1, 4, 4, SMALL["embed_dim"])
+    d = SMALL["embed_dim"]
+    attn = EncoderAttention(d, SMALL["heads"], (4, 4), lora_rank=2)
+    for p in attn.parameters():
+        nn.init.normal_(p, std=0.2)
+    # the same attention without LoRA whose qkv weight carries the LoRA update B A in its q and v rows
+    ref = EncoderAttention(d, SMALL["heads"], (4, 4), lora_rank=0)
+    ref.load_state_dict({k: v for k, v in attn.state_dict().items() if "lora_" not in k})
     with torch.no_grad():
-        base = attn.qkv(x)
-        q_delta = attn.lora_q_b(attn.lora_q_a(x))
-        # recompute what forward feeds the heads: qkv + [dq, 0, dv]
-        d = SMALL["embed_dim"]
-        full = base + torch.cat([q_delta, torch.zeros_like(q_delta), attn.lora_v_b(attn.lora_v_a(x))], -1)
-    assert torch.equal(full[..., d:2 * d], base[..., d:2 * d])
-    assert not torch.allclose(full[..., :d], base[..., :d])
+        dq = attn.lora_q_b.weight @ attn.lora_q_a.weight
+        dv = attn.lora_v_b.weight @ attn.lora_v_a.weight
+        ref.qkv.weight += torch.cat([dq, torch.zeros_like(dq), dv])
+        x = torch.randn(2, 4, 4, d)
+        torch.testing.assert_close(attn(x), ref(x), rtol=1e-5, atol=1e-5)
+        # and the update matters: without it the outputs differ
+        plain = EncoderAttention(d, SMALL["heads"], (4, 4), lora_rank=0)
+        plain.load_state_dict(ref.state_dict())
+        plain.qkv.weight -= torch.cat([dq, torch.zeros_like(dq), dv])
+        assert not torch.allclose(plain(x), attn(x), atol=1e-3)
+    sam = SAM(SAMConfig(**SMALL), 32, lora_rank=2)
     assert {n.split(".")[-2] for n, _ in sam.named_parameters() if ".lora_" in n} == {
         "lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
 
