@@ -93,8 +93,6 @@ class Reporter:
 # ----------------------------------------------------------------------------------------------------
 
 def stage_steps(sc: StageConfig, n_train: int, where: str) -> int:
-    if not 0.0 <= sc.min_lr <= sc.lr:
-        raise UserError(f"{where}.min_lr: expected a value between 0 and lr ({sc.lr}), got {sc.min_lr}")
     if sc.steps is not None:
         if sc.steps < 0:
             raise UserError(f"{where}.steps: expected a non-negative integer, got {sc.steps}")
@@ -233,6 +231,9 @@ def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
     if spec.protocol is not None:
         sets.insert(0, f"dataset.protocol={spec.protocol}")
     res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets)
+    for stage, sc in res.cfg.train.items():  # values the types alone do not check (grid validates through here)
+        if not 0.0 <= sc.min_lr <= sc.lr:
+            raise UserError(f"train.{stage}.min_lr: expected a value between 0 and lr ({sc.lr}), got {sc.min_lr}")
     protocol = getattr(res.cfg.dataset, "protocol", None)
     default_protocol = getattr(type(res.cfg.dataset)(), "protocol", None)
     folder = run_dir(spec.results or default_results(), spec.dataset, spec.method, spec.profile, spec.seed,

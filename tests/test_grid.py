@@ -34,6 +34,8 @@ def test_expand_methods_variants_seeds_and_sweeps(tmp_path):
         grid.expand(["nope"], ["synthetic"], 1, results=tmp_path)
     with pytest.raises(UserError, match="unknown variant 'x'"):
         grid.expand(["ssn"], ["synthetic"], 1, variants=["x"], results=tmp_path)
+    with pytest.raises(UserError, match="train.main.min_lr: expected a value between 0 and lr"):
+        grid.expand(["ssn"], ["synthetic"], 1, results=tmp_path, sets=["train.main.min_lr=1"])
 
 
 def test_a_set_scoped_to_one_method_reaches_only_its_jobs(tmp_path):
