@@ -7,7 +7,7 @@ in :mod:`amisbench.methods.c_prob_unet`.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Union
+from typing import Literal, Union
 
 import torch
 from torch import Tensor
@@ -52,6 +52,10 @@ def styled_sample(base_sample, images: Tensor, n: int, style, count: int, genera
     return out
 
 
+# the ``style`` config field of a style-conditioned method: "mix" (uniform over the styles) or one style index
+Style = Union[Literal["mix"], int]
+
+
 class StyleConditioned:
     """Mixin that turns a method into its style-conditioned version; list it before the method class:
     ``class CSSN(StyleConditioned, SSN)``. The config must have a ``style`` field ("mix" or an index).
@@ -78,4 +82,6 @@ class StyleConditioned:
         return styled_sample(base, images, n, self.cfg.style, self.styles, generator, "method.style")
 
     def nfe(self, n: int) -> int:
-        return min(n, self.styles) if self.cfg.style == "mix" else 1
+        # the wrapped method once per style used, for that style's share of the samples
+        unstyled = super().nfe  # (zero-argument super() does not work inside the generator below)
+        return sum(unstyled(len(idx)) for _, idx in style_plan(self.cfg.style, n, self.styles, "method.style"))

@@ -20,17 +20,16 @@ The U-Net runs once per (image, style used): ``nfe(n) = min(n, A)`` with ``mix``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
 
 from amisbench.registry import register_method
 
-from ._style import StyleConditioned
+from ._style import Style, StyleConditioned
 from .prob_unet import ProbUNet, ProbUNetConfig
 
 
 @dataclass
 class CProbUNetConfig(ProbUNetConfig):
-    style: Union[Literal["mix"], int] = "mix"  # sampling: uniform mixture of styles, or one style index
+    style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
 
 
 @register_method("c_prob_unet")

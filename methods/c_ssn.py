@@ -12,17 +12,16 @@ information). ``nfe(n) = min(n, A)`` with ``mix`` (one U-Net pass per image and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
 
 from amisbench.registry import register_method
 
-from ._style import StyleConditioned
+from ._style import Style, StyleConditioned
 from .ssn import SSN, SSNConfig
 
 
 @dataclass
 class CSSNConfig(SSNConfig):
-    style: Union[Literal["mix"], int] = "mix"  # sampling: uniform mixture of styles, or one style index
+    style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
 
 
 @register_method("c_ssn")
