@@ -34,16 +34,14 @@ from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, pick_reader
-from .cimd import gaussian_posterior
+from ._diffusion import diffusion_unet, gaussian_posterior, mask_to_pm1, time_dim
 
 
 @dataclass
 class AnalogBitsConfig:
     # Paper scale: the suite's OpenAI-style diffusion U-Net at 128 px (the one used for CCDM) -- an assumption,
     # the ATFM paper does not give the network it ran AB with.
-    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        widths=(32, 32, 64, 96, 128), convs_per_block=4, norm="group", groups=32, down="conv", up="bilinear",
-        activation="silu", attention_levels=(3, 4), attention_heads=4))
+    unet: UNetConfig = field(default_factory=diffusion_unet)
     time_dim: int = 0  # 0: 4 x base width
     bit_scale: float = 1.0  # analog bits scaled to {-b, +b} (paper: input scaling factor)
     self_cond_prob: float = 0.5  # paper Algorithm 1: self-condition half of the time
@@ -72,7 +70,7 @@ class AnalogBits(Method):
         check_chunk(cfg.sample_chunk)
         if cfg.sample_steps < 1 or not 0.0 <= cfg.self_cond_prob <= 1.0 or cfg.bit_scale <= 0:
             raise ValueError("sample_steps must be at least 1, self_cond_prob in [0, 1] and bit_scale positive")
-        self.net = UNet(2 + spec.channels, 1, cfg.unet, time_dim=cfg.time_dim or 4 * cfg.unet.widths[0])
+        self.net = UNet(2 + spec.channels, 1, cfg.unet, time_dim=time_dim(cfg.time_dim, cfg.unet))
 
     def predict_x0(self, xt: Tensor, x0_prev: Tensor | None, images: Tensor, t: Tensor) -> Tensor:
         """x_0 estimate from (x_t, previous estimate or None = zeros, image, t in [0, 1]): (N,1,H,W)."""
@@ -82,7 +80,7 @@ class AnalogBits(Method):
 
     def loss(self, stage, images, masks):
         y = pick_reader(masks)[:, None]
-        x0 = self.cfg.bit_scale * (2.0 * y - 1.0)
+        x0 = self.cfg.bit_scale * mask_to_pm1(y)
         b = y.shape[0]
         t = torch.rand(b, device=images.device, dtype=images.dtype)
         g = gamma_cosine(t).view(-1, 1, 1, 1)

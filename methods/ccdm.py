@@ -42,6 +42,7 @@ from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, one_hot, pick_reader, sample_one_hot
+from ._diffusion import diffusion_unet, strided_times, time_dim
 
 
 @dataclass
@@ -49,9 +50,7 @@ class CCDMConfig:
     # ddpm/models/unet_openai/__init__.py at 128 px: base_channels 32 (params.yml), channel_mult (1,1,2,3,4),
     # num_res_blocks 2 (-> 4 convs per level and side), attention where ds in [32,16,8] -> the two coarsest
     # levels (ds 8, 16), num_head_channels 32 (approximated by 4 heads).
-    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        widths=(32, 32, 64, 96, 128), convs_per_block=4, norm="group", groups=32, down="conv", up="bilinear",
-        activation="silu", attention_levels=(3, 4), attention_heads=4))
+    unet: UNetConfig = field(default_factory=diffusion_unet)
     time_dim: int = 0  # 0: 4 x base width (the OpenAI U-Net's time_embed_dim)
     steps: int = 250  # T (params.yml: time_steps)
     schedule: Literal["cosine"] = "cosine"  # params.yml: beta_schedule
@@ -103,14 +102,6 @@ def p_posterior(xt: Tensor, p0: Tensor, abar_t: Tensor, abar_s: Tensor) -> Tenso
     return torch.einsum("nckhw,nchw->nkhw", theta, p0)
 
 
-def sampling_grid(steps: int, sample_steps: int) -> list[int]:
-    """Decreasing times T = t_0 > t_1 > ... > t_S = 0 (all of T..0 when ``sample_steps`` is 0 or >= T)."""
-    if not sample_steps or sample_steps >= steps:
-        return list(range(steps, -1, -1))
-    grid = {int(math.floor(steps * (1 - i / sample_steps) + 0.5)) for i in range(sample_steps + 1)}
-    return sorted(grid, reverse=True)
-
-
 @register_method("ccdm")
 class CCDM(Method):
     """CCDM: conditional categorical (multinomial) diffusion on the one-hot mask (Zbinden et al. 2023)."""
@@ -124,7 +115,7 @@ class CCDM(Method):
         if cfg.steps < 1 or cfg.sample_steps < 0 or cfg.classes < 2:
             raise ValueError("steps must be at least 1, sample_steps non-negative and classes at least 2")
         self.net = UNet(spec.channels + cfg.classes, cfg.classes, cfg.unet,
-                        time_dim=cfg.time_dim or 4 * cfg.unet.widths[0])
+                        time_dim=time_dim(cfg.time_dim, cfg.unet))
         if cfg.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.register_buffer("abar", cosine_alpha_bar(cfg.steps, cfg.cosine_s), persistent=False)
@@ -154,7 +145,7 @@ class CCDM(Method):
     def sample(self, images, n, *, generator=None, context=None):
         b, _, h, w = images.shape
         k = self.cfg.classes
-        grid = sampling_grid(self.cfg.steps, self.cfg.sample_steps)
+        grid = strided_times(self.cfg.steps, self.cfg.sample_steps)
         out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
         flat = out.view(b * n, h, w)
         for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
@@ -175,4 +166,4 @@ class CCDM(Method):
         return out
 
     def nfe(self, n: int) -> int:
-        return n * (len(sampling_grid(self.cfg.steps, self.cfg.sample_steps)) - 1)
+        return n * (len(strided_times(self.cfg.steps, self.cfg.sample_steps)) - 1)

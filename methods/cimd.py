@@ -33,7 +33,6 @@ Deviations: the suite's U-Net instead of the OpenAI one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,59 +45,9 @@ from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, kl_diag_gaussians, pick_reader
+from ._diffusion import (diffusion_unet, gaussian_posterior, linear_alpha_bar, mask_to_pm1, strided_times,
+                         time_dim)
 from .prob_unet import AxisAlignedConvGaussian
-
-
-# ---------------------------------------------------------------------------------------------------
-# Gaussian diffusion helpers (shared with analog_bits)
-# ---------------------------------------------------------------------------------------------------
-
-def linear_alpha_bar(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """abar_t for t = 0..T (float64), abar_0 = 1, from the linear beta schedule of Ho et al. (2020).
-
-    The betas are scaled by 1000 / T as in improved diffusion, so that other T keep the same endpoints of
-    the signal-to-noise ratio.
-    """
-    scale = 1000.0 / steps
-    betas = torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
-    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
-
-
-def gaussian_posterior(x0: Tensor, xt: Tensor, abar_t: Tensor, abar_s: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of q(x_s | x_t, x_0) for s < t under q(x_t | x_0) = N(sqrt(abar_t) x_0, 1 - abar_t).
-
-    With alpha_{t|s} = abar_t / abar_s and beta_{t|s} = 1 - alpha_{t|s} (Ho et al. 2020, Eq. 7, for a skip
-    from t to s):
-    mean = sqrt(abar_s) beta_{t|s} / (1 - abar_t) x_0 + sqrt(alpha_{t|s}) (1 - abar_s) / (1 - abar_t) x_t,
-    var = (1 - abar_s) / (1 - abar_t) beta_{t|s}.
-
-    Args:
-        x0, xt: (N,...) tensors.
-        abar_t, abar_s: (N,) float64.
-
-    Returns:
-        mean (N,...) and variance (N,1,...,1) in the dtype of ``xt``.
-    """
-    shape = (-1,) + (1,) * (xt.ndim - 1)
-    a_ts = abar_t / abar_s
-    b_ts = 1.0 - a_ts
-    c0 = (abar_s.sqrt() * b_ts / (1.0 - abar_t)).to(xt.dtype).view(shape)
-    ct = (a_ts.sqrt() * (1.0 - abar_s) / (1.0 - abar_t)).to(xt.dtype).view(shape)
-    var = ((1.0 - abar_s) / (1.0 - abar_t) * b_ts).to(xt.dtype).view(shape)
-    return c0 * x0 + ct * xt, var
-
-
-def strided_times(steps: int, sample_steps: int) -> list[int]:
-    """Decreasing times T = t_0 > ... > t_S = 0 of ``sample_steps`` evenly spaced steps (0 or >= T: all)."""
-    if not sample_steps or sample_steps >= steps:
-        return list(range(steps, -1, -1))
-    grid = {int(math.floor(steps * (1 - i / sample_steps) + 0.5)) for i in range(sample_steps + 1)}
-    return sorted(grid, reverse=True)
-
-
-def mask_to_pm1(y: Tensor) -> Tensor:
-    """{0,1} -> {-1,+1} (the analog-bit / CIMD encoding of a binary mask)."""
-    return 2.0 * y - 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,9 +59,7 @@ class CIMDConfig:
     # Denoiser at paper scale: the OpenAI-style U-Net used for CCDM in this suite (base 32, multipliers
     # 1,1,2,3,4, group norm, SiLU, attention at the two coarsest levels) -- an assumption: the ATFM paper
     # does not give CIMD's network, the release uses guided diffusion's U-Net at 128 px.
-    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
-        widths=(32, 32, 64, 96, 128), convs_per_block=4, norm="group", groups=32, down="conv", up="bilinear",
-        activation="silu", attention_levels=(3, 4), attention_heads=4))
+    unet: UNetConfig = field(default_factory=diffusion_unet)
     time_dim: int = 0  # 0: 4 x base width
     encoder_widths: tuple[int, ...] = (32, 64, 128, 192)  # prior / posterior (Prob. U-Net LIDC encoders)
     encoder_convs: int = 3
@@ -143,7 +90,7 @@ class CIMD(Method):
         self.prior = AxisAlignedConvGaussian(spec.channels, enc, cfg.encoder_convs, cfg.latent_dim)
         self.posterior = AxisAlignedConvGaussian(spec.channels + 1, enc, cfg.encoder_convs, cfg.latent_dim)
         self.net = UNet(1 + spec.channels + cfg.latent_dim, 1, cfg.unet,
-                        time_dim=cfg.time_dim or 4 * cfg.unet.widths[0])
+                        time_dim=time_dim(cfg.time_dim, cfg.unet))
         self.register_buffer("abar", linear_alpha_bar(cfg.steps, cfg.beta_start, cfg.beta_end), persistent=False)
 
     def denoise(self, xt: Tensor, images: Tensor, z: Tensor, t: Tensor) -> Tensor:

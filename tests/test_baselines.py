@@ -12,8 +12,8 @@ from amisbench.api import DataSpec, SampleContext
 from amisbench.config import resolve
 from amisbench.errors import UserError
 from amisbench.methods._blocks import kl_diag_gaussians, sample_one_hot
-from amisbench.methods.ccdm import (CCDM, cosine_alpha_bar, p_posterior, q_posterior, q_xt_given_x0,
-                                    sampling_grid)
+from amisbench.methods.ccdm import (CCDM, cosine_alpha_bar, p_posterior, q_posterior, q_xt_given_x0)
+from amisbench.methods._diffusion import strided_times as sampling_grid  # CCDM's strided grid
 from amisbench.methods.oracle import Oracle, OracleConfig
 from amisbench.methods.phiseg import PHiSeg, PHiSegConfig
 from amisbench.methods.prob_unet import ProbUNet, ProbUNetConfig

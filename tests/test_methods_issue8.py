@@ -12,7 +12,7 @@ from amisbench.config import resolve
 from amisbench.errors import UserError
 from amisbench.methods.analog_bits import gamma_cosine
 from amisbench.methods._style import style_plan
-from amisbench.methods.cimd import gaussian_posterior, linear_alpha_bar, strided_times
+from amisbench.methods._diffusion import gaussian_posterior, linear_alpha_bar, strided_times
 from amisbench.methods.mose import ot_exact, ot_loss, soft_iou_cost
 from amisbench.registry import METHODS
 
