@@ -13,7 +13,8 @@ Run the full benchmark with::
 The speed-up is printed (``-s``) and stored as ``extra_info`` (``--benchmark-json``). Without
 ``--benchmark-only`` (an ordinary test run) the problem shrinks to 2 images x 10 samples so the suite
 stays quick; ``AMISBENCH_BENCH_THREADS`` sets the torch threads (default: torch's). Nothing here asserts on
-wall-clock time: the tests assert the shapes, types and reproducibility of both samplers.
+wall-clock time: the tests assert the shapes and types of both samplers and the reproducibility of
+the batched one (the loop's is tested in tests/test_atfm.py).
 """
 
 from __future__ import annotations
@@ -65,20 +66,22 @@ def _describe(benchmark, model, images, n) -> None:
                                 torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
 
 
-def _min_seconds(benchmark) -> float | None:
+def _bench(benchmark, setup, sampler: str, rounds: int, warmup: int):
+    """Benchmark ``model.<sampler>`` on the setup's images; returns its output, a rerun function and the
+    fastest round in seconds (None when benchmarks are disabled)."""
+    model, images, n = setup
+    _describe(benchmark, model, images, n)
+    run = lambda: getattr(model, sampler)(images, n, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    out = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    assert out.dtype == torch.bool and out.shape == (images.shape[0], n, *images.shape[-2:])
     stats = getattr(benchmark, "stats", None)
-    return None if stats is None else float(stats.stats.min)
+    return out, run, None if stats is None else float(stats.stats.min)
 
 
 @pytest.mark.benchmark(group="atfm-sampling")
 def test_bench_sample_batched(benchmark, setup):
-    model, images, n = setup
-    _describe(benchmark, model, images, n)
-    run = lambda: model.sample(images, n, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    assert out.dtype == torch.bool and out.shape == (images.shape[0], n, *images.shape[-2:])
+    out, run, s = _bench(benchmark, setup, "sample", rounds=3, warmup=1)
     assert torch.equal(out, run())
-    s = _min_seconds(benchmark)
     if s is not None:
         _TIMES["batched"] = s
 
@@ -86,11 +89,7 @@ def test_bench_sample_batched(benchmark, setup):
 @pytest.mark.benchmark(group="atfm-sampling")
 def test_bench_sample_release_loop(benchmark, setup):
     model, images, n = setup
-    _describe(benchmark, model, images, n)
-    run = lambda: model.sample_loop(images, n, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    assert out.dtype == torch.bool and out.shape == (images.shape[0], n, *images.shape[-2:])
-    s = _min_seconds(benchmark)
+    _, _, s = _bench(benchmark, setup, "sample_loop", rounds=1, warmup=0)
     if s is not None and "batched" in _TIMES:
         ratio = s / _TIMES["batched"]
         benchmark.extra_info.update(batched_s=_TIMES["batched"], loop_s=s, speedup=ratio)
