@@ -199,12 +199,12 @@ class MoSE(Method):
         ent = -(pi * pi.clamp_min(1e-12).log()).sum(1).mean()
         return loss, {"ot": float(loss.detach()), "gate_entropy": float(ent.detach())}
 
-    def _draw(self, images: Tensor, experts: Tensor, generator) -> Tensor:
-        """Masks (B,n,H,W) bool for expert indices (B,n)."""
+    def _draw(self, images: Tensor, gaussians: tuple[Tensor, Tensor], experts: Tensor, generator) -> Tensor:
+        """Masks (B,n,H,W) bool for expert indices (B,n), given the experts' (mu, sigma) of :meth:`experts_of`."""
         b, n = experts.shape
         h, w = images.shape[-2:]
         feats = self.unet(images)
-        mu, sigma, _ = self.experts_of(images)
+        mu, sigma = gaussians
         eps = torch.randn((b, n, self.cfg.latent_dim), generator=generator, device=images.device, dtype=mu.dtype)
         idx = experts[..., None].expand(-1, -1, self.cfg.latent_dim)
         z = mu.gather(1, idx) + sigma.gather(1, idx) * eps
@@ -218,12 +218,12 @@ class MoSE(Method):
     def sample(self, images, n, *, generator=None, context=None):
         b = images.shape[0]
         k = self.cfg.experts
+        mu, sigma, pi = self.experts_of(images)  # one prior pass per call
         if self.cfg.eval_weights == "uniform":
             experts = (torch.arange(n, device=images.device) % k)[None].expand(b, -1)
         else:
-            _, _, pi = self.experts_of(images)
             experts = torch.multinomial(pi, n, replacement=True, generator=generator)
-        return self._draw(images, experts.contiguous(), generator)
+        return self._draw(images, (mu, sigma), experts.contiguous(), generator)
 
     @torch.no_grad()
     def weighted_samples(self, images: Tensor, samples_per_expert: int, *,
@@ -231,8 +231,8 @@ class MoSE(Method):
         """The paper's weighted sample set: masks (B,K*S,H,W) bool and weights (B,K*S) = pi_k / S."""
         b, k, s = images.shape[0], self.cfg.experts, samples_per_expert
         experts = torch.arange(k, device=images.device).repeat_interleave(s)[None].expand(b, -1)
-        _, _, pi = self.experts_of(images)
-        return self._draw(images, experts.contiguous(), generator), (pi / s).repeat_interleave(s, dim=1)
+        mu, sigma, pi = self.experts_of(images)
+        return self._draw(images, (mu, sigma), experts.contiguous(), generator), (pi / s).repeat_interleave(s, dim=1)
 
     def nfe(self, n: int) -> int:
         return 1  # one U-Net and prior pass per image; each sample runs only the 1x1 convs of f_comb
