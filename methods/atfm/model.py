@@ -65,7 +65,7 @@ from amisbench.nn import UNetConfig
 from amisbench.registry import register_method
 
 from . import sfm
-from .._blocks import pick_reader
+from .._blocks import check_chunk, chunks, pick_reader
 from .gtr import GTR
 from .st_net import STNet
 
@@ -118,9 +118,7 @@ class ATFM(Method):
             raise UserError(f"method.mc_samples: antithetic sampling needs an even number, got {cfg.mc_samples}")
         if cfg.timesteps < 1:
             raise UserError(f"method.timesteps: expected T = 1 / lambda >= 1, got {cfg.timesteps}")
-        if cfg.sample_chunk < 0:
-            raise UserError(f"method.sample_chunk: expected 0 (no chunking) or a positive count, "
-                            f"got {cfg.sample_chunk}")
+        check_chunk(cfg.sample_chunk)
         self.gtr = GTR(spec.channels, cfg.gtr, cfg.rank, cfg.eps, cfg.channels_last)
         self.st_net = STNet(spec.channels, cfg.st_net, cfg.time_dim, float(cfg.timesteps), cfg.channels_last)
         self._gtr_frozen = False
@@ -204,10 +202,8 @@ class ATFM(Method):
                 return (x0 > self.cfg.threshold).reshape(b, n, h, w)
             flat = x0.reshape(b * n, 1, h, w)
             out = torch.empty((b * n, h, w), dtype=torch.bool, device=images.device)
-            chunk = self.cfg.sample_chunk or b * n
             owner = torch.arange(b * n, device=images.device) // n  # image of each flat sample
-            for s in range(0, b * n, chunk):
-                e = min(s + chunk, b * n)
+            for s, e in chunks(b * n, self.cfg.sample_chunk):
                 x1 = sfm.integrate(self.st_net, flat[s:e], images[owner[s:e]], steps=self.cfg.steps,
                                    solver=self.cfg.solver)
                 out[s:e] = x1[:, 0] > self.cfg.threshold
