@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amisbench.errors import UserError
+from amisbench.nn.unet import make_norm
 
 
-def pick_reader(masks: Tensor) -> Tensor:
-    """One reader chosen uniformly at random per image (global torch RNG): (B,A,H,W) -> (B,H,W)."""
+def pick_reader(masks: Tensor, return_index: bool = False):
+    """One reader chosen uniformly at random per image (global torch RNG): (B,A,H,W) -> (B,H,W); with
+    ``return_index`` also the chosen reader slots (B,)."""
     idx = torch.randint(0, masks.shape[1], (masks.shape[0],), device=masks.device)
-    return masks[torch.arange(masks.shape[0], device=masks.device), idx]
+    picked = masks[torch.arange(masks.shape[0], device=masks.device), idx]
+    return (idx, picked) if return_index else picked
 
 
 def one_hot(labels: Tensor, classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -41,16 +44,6 @@ def kl_diag_gaussians(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tens
     vp = sigma_p.square()
     kl = 0.5 * ((vq + (mu_q - mu_p).square()) / (vp + eps) + torch.log(vp + eps) - torch.log(vq + eps) - 1.0)
     return kl.flatten(1).sum(1)
-
-
-def make_norm(kind: str, ch: int, groups: int = 8) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(ch)
-    if kind == "group":
-        import math
-
-        return nn.GroupNorm(math.gcd(groups, ch), ch)
-    return nn.Identity()
 
 
 def conv_unit(cin: int, cout: int, norm: Literal["batch", "group", "none"] = "none", kernel: int = 3) -> nn.Sequential:

@@ -15,6 +15,8 @@ from torch import Tensor
 from amisbench.api import DataSpec
 from amisbench.errors import UserError
 
+from ._blocks import pick_reader
+
 
 def style_maps(styles: Tensor, count: int, like: Tensor) -> Tensor:
     """One-hot styles (B,) tiled to (B,count,H,W) in the dtype and size of ``like`` (B,C,H,W)."""
@@ -29,8 +31,8 @@ def with_style(images: Tensor, styles: Tensor, count: int) -> Tensor:
 
 def pick_styled_reader(masks: Tensor) -> tuple[Tensor, Tensor]:
     """One random reader slot per image (global torch RNG): its index (B,) and its mask (B,1,H,W)."""
-    idx = torch.randint(0, masks.shape[1], (masks.shape[0],), device=masks.device)
-    return idx, masks[torch.arange(masks.shape[0], device=masks.device), idx][:, None]
+    idx, y = pick_reader(masks, return_index=True)
+    return idx, y[:, None]
 
 
 def style_plan(style: Union[str, int], n: int, count: int, where: str) -> list[tuple[int, list[int]]]:

@@ -33,7 +33,8 @@ class UNetConfig:
     attention_heads: int = 4
 
 
-def _norm(kind: str, ch: int, groups: int) -> nn.Module:
+def make_norm(kind: str, ch: int, groups: int = 8) -> nn.Module:
+    """Batch, group (gcd(groups, ch) groups), instance (affine) or no normalisation of ``ch`` channels."""
     if kind == "batch":
         return nn.BatchNorm2d(ch)
     if kind == "group":
@@ -68,7 +69,7 @@ class ConvBlock(nn.Module):
         self.norms = nn.ModuleList()
         for i in range(cfg.convs_per_block):
             self.convs.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1))
-            self.norms.append(_norm(cfg.norm, cout, cfg.groups))
+            self.norms.append(make_norm(cfg.norm, cout, cfg.groups))
         self.act = _act(cfg.activation)
         self.drop = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.film = nn.Linear(time_dim, 2 * cout) if time_dim > 0 else None
