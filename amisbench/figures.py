@@ -87,22 +87,13 @@ def _save(fig, out: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
 def _finished(results: Path | str, dataset: str, label: str, profile: str | None, protocol: str | None,
               seeds: list[int] | None = None) -> pd.DataFrame:
     """One row per finished run (run_dir, seed, profile) of ``label`` on ``dataset``."""
-    from .results import scan
+    from .results import scan, select_runs
 
     df, _ = scan(results)
-    df = df[(df["dataset"] == dataset) & (df["label"] == label)]
-    if profile:
-        df = df[df["profile"] == profile]
-    if protocol is not None:
-        df = df[df["protocol"].fillna("") == protocol]
     if seeds is not None:
         df = df[df["seed"].isin(seeds)]
+    df, _, _ = select_runs(df, dataset, profile, protocol, label)
     runs = df.drop_duplicates("run_dir")[["run_dir", "seed", "profile", "protocol"]]
-    if runs["profile"].nunique() > 1:
-        found = ", ".join(sorted(runs["profile"].unique()))
-        raise UserError(f"runs of {label} on {dataset} with several profiles ({found}); pick one with --profile")
-    if runs["protocol"].fillna("").nunique() > 1:
-        raise UserError(f"runs of {label} on {dataset} with several protocols; pick one with --protocol")
     if runs.empty:
         what = f" (profile {profile})" if profile else ""
         method, _, variant = label.partition("-")
@@ -355,21 +346,14 @@ def alpha_table(results: Path | str, dataset: str, *, method: str = "atfm", para
     under ``results`` and its sweeps, with x = the run's ``param`` from its config.yaml."""
     import pandas as pd
 
-    from .results import scan
+    from .results import scan, select_runs
 
     frames = []
     for root in result_roots(results):
         df, _ = scan(root)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    df = df[(df["dataset"] == dataset) & (df["label"] == method) & df["metric"].isin(CURVE_METRICS)]
-    if profile:
-        df = df[df["profile"] == profile]
-    if protocol is not None:
-        df = df[df["protocol"].fillna("") == protocol]
-    if df["profile"].nunique() > 1:
-        raise UserError(f"runs of {method} on {dataset} with several profiles "
-                        f"({', '.join(sorted(df['profile'].unique()))}); pick one with --profile")
+    df, _, _ = select_runs(df[df["metric"].isin(CURVE_METRICS)], dataset, profile, protocol, method)
     xs = {d: _config_value(Path(d), param) for d in df["run_dir"].unique()}
     df = df.assign(x=df["run_dir"].map(xs))
     df = df[df["x"].notna()]

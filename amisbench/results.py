@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import UserError
 from .store import RUNS
 
 COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "label", "profile", "seed", "metric",
@@ -53,3 +54,28 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     g = df.fillna({"protocol": ""}).groupby(keys, sort=False)["value"]
     out = g.agg(mean="mean", std=lambda s: s.std(ddof=1), n="count").reset_index()
     return out
+
+
+def select_runs(df: pd.DataFrame, dataset: str, profile: str | None, protocol: str | None, label: str | None = None
+                ) -> tuple[pd.DataFrame, str | None, str]:
+    """Rows of :func:`scan` for one profile and one protocol of ``dataset`` (and of one result label when
+    given), with the profile and protocol chosen; UserError when the choice is ambiguous."""
+    df = df[df["dataset"] == dataset]
+    if label is not None:
+        df = df[df["label"] == label]
+    if profile:
+        df = df[df["profile"] == profile]
+    what = f"{label} on " if label else ""
+    profiles = sorted(df["profile"].unique())
+    if len(profiles) > 1:
+        raise UserError(f"runs of {what}several profiles ({', '.join(profiles)}) for dataset '{dataset}'; "
+                        "pick one with --profile")
+    protos = df["protocol"].fillna("")
+    if protocol is not None:
+        df = df[protos == protocol]
+        protos = df["protocol"].fillna("")
+    found = sorted(protos.unique())
+    if len(found) > 1:
+        raise UserError(f"runs of {what}several protocols ({', '.join(p or 'none' for p in found)}) for dataset "
+                        f"'{dataset}'; pick one with --protocol")
+    return df, (profiles[0] if profiles else profile), (found[0] if found else (protocol or ""))

@@ -312,27 +312,6 @@ def paper_numbers() -> dict:
 # selecting runs
 # ----------------------------------------------------------------------------------------------------
 
-def _select(df: pd.DataFrame, dataset: str, profile: str | None, protocol: str | None
-            ) -> tuple[pd.DataFrame, str | None, str]:
-    """Runs of one profile and one protocol of ``dataset``; UserError when the choice is ambiguous."""
-    df = df[df["dataset"] == dataset]
-    if profile:
-        df = df[df["profile"] == profile]
-    profiles = sorted(df["profile"].unique())
-    if len(profiles) > 1:
-        raise UserError(f"runs of several profiles ({', '.join(profiles)}) for dataset '{dataset}'; "
-                        "pick one with --profile")
-    protos = df["protocol"].fillna("")
-    if protocol is not None:
-        df = df[protos == protocol]
-        protos = df["protocol"].fillna("")
-    found = sorted(protos.unique())
-    if len(found) > 1:
-        raise UserError(f"runs of several protocols ({', '.join(p or 'none' for p in found)}) for dataset "
-                        f"'{dataset}'; pick one with --protocol")
-    return df, (profiles[0] if profiles else profile), (found[0] if found else (protocol or ""))
-
-
 def _protocol_notes(df: pd.DataFrame, protocol: str) -> list[str]:
     labels = sorted({lab for lab in df["protocol_label"].dropna().unique() if lab})
     if labels:
@@ -367,10 +346,10 @@ def _unfinished_note(unfinished: list[Path], dataset: str, profile: str | None) 
 def build(results: Path | str, dataset: str, profile: str | None = None, columns: list[str] | None = None,
           protocol: str | None = None) -> Table:
     """Every finished run of ``dataset`` (one row per method label, one column per metric)."""
-    from .results import scan, summarize
+    from .results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
-    df, prof, proto = _select(df, dataset, profile, protocol)
+    df, prof, proto = select_runs(df, dataset, profile, protocol)
     if df.empty:
         where = f" with profile '{profile}'" if profile else ""
         raise UserError(f"no finished runs for dataset '{dataset}'{where} under {Path(results) / 'runs'}; "
@@ -452,10 +431,10 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
 
 def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: str | None,
                   protocol: str | None) -> None:
-    from .results import scan, summarize
+    from .results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
-    df, prof, proto = _select(df, ds, profile, protocol)
+    df, prof, proto = select_runs(df, ds, profile, protocol)
     s = summarize(df)
     labels = set(s["label"])
     seeds_note, used = [], []
