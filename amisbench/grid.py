@@ -143,10 +143,8 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     method (``none`` = the default variant). A ``sets`` entry ``METHOD:KEY=VALUE`` applies to that method's
     jobs only (e.g. ``p2sam:method.sam_checkpoint=PATH`` in a Table 1 grid).
     """
-    import json
-
     from .runner import RunSpec, default_results, prepare
-    from .store import is_done
+    from .store import finished_hash, is_done
 
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: expected a positive number of seeds")
@@ -172,12 +170,7 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
                                       data_root, protocol))
         job.folder = folder
         job.tag = res_dir.name if combo else ""
-        if is_done(folder):
-            try:
-                old = json.loads((folder / "run.json").read_text()).get("config_hash")
-            except (OSError, ValueError):
-                old = None
-            job.done = old == res.hash()
+        job.done = is_done(folder) and finished_hash(folder) == res.hash()
         jobs.append(job)
     return jobs
 

@@ -29,7 +29,8 @@ from .errors import UserError
 from .evaluate import evaluate
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed
-from .store import (atomic_write_text, is_done, load_torch, run_dir, save_torch, write_json, write_yaml)
+from .store import (atomic_write_text, finished_hash, is_done, load_torch, run_dir, save_torch, write_json,
+                    write_yaml)
 
 
 class RunFailed(Exception):
@@ -260,9 +261,7 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
     if folder.exists() and spec.force:
         shutil.rmtree(folder)
     if is_done(folder):
-        import json
-
-        old = json.loads((folder / "run.json").read_text()).get("config_hash")
+        old = finished_hash(folder)
         if old != chash:
             raise UserError(f"{folder} holds a finished run with another config (hash {old}, now {chash}); "
                             "pass --force to replace it or choose another --results folder")

@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 RUNS = "runs"
+TIMING = "timing"  # <results>/timing/<device>/<dataset>__<label>.json, written by `amisbench timing`
 
 
 def run_dir(results: Path | str, dataset: str, method: str, profile: str, seed: int,
@@ -55,6 +55,8 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    import torch  # here, so that reading results (tables) does not import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -62,8 +64,18 @@ def save_torch(path: Path, obj: Any) -> None:
 
 def load_torch(path: Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True`` (tensors, containers and plain values only)."""
+    import torch
+
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def is_done(path: Path) -> bool:
     return (Path(path) / "run.json").is_file()
+
+
+def finished_hash(path: Path) -> str | None:
+    """Config hash of the finished run in ``path`` (None when unfinished or its run.json is unreadable)."""
+    try:
+        return json.loads((Path(path) / "run.json").read_text()).get("config_hash")
+    except (OSError, ValueError):
+        return None

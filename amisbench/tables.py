@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .store import TIMING
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 DEFAULT_ORDER = ["GED_16", "GED_32", "GED_100", "HMIoU_32", "MDM_32", "GED_true_100", "diversity_100"]
 TABLES_FILE = "tables.yaml"
 PAPER_PARTS = ("paper", "atfm_tables.yaml")
-TIMING = "timing"
 
 Paper = Any  # (mean, std | None) for a number reported with its spread, a float, a string, or None
 

@@ -30,8 +30,8 @@ import torch
 
 from .errors import UserError
 from .evaluate import sample_items
+from .store import TIMING
 
-TIMING = "timing"
 
 # indirections so that tests can check the order of synchronisation and clock reads
 _clock: Callable[[], float] = time.perf_counter
