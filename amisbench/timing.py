@@ -80,14 +80,19 @@ def nfe_label(fixed: float, per: float) -> str:
     return f
 
 
-def inference_settings(method: str) -> list[str]:
-    """The Table 3 sampler settings of ``method`` (configs/tables.yaml, ``inference`` of the timing table)."""
+def table_inference() -> dict[str, list[str]]:
+    """The Table 3 sampler settings per method (configs/tables.yaml, ``inference`` of the timing table)."""
     from .tables import load_definitions
 
     for d in load_definitions().values():
         if d.kind == "timing":
-            return list(d.inference.get(method, []))
-    return []
+            return {m: list(v) for m, v in d.inference.items()}
+    return {}
+
+
+def inference_settings(method: str) -> list[str]:
+    """The Table 3 sampler settings of ``method``."""
+    return table_inference().get(method, [])
 
 
 def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed: int, sets: list[str],
@@ -324,11 +329,12 @@ def command(a) -> int:
     if not methods:
         raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
     recs = []
+    inference = table_inference()  # read configs/tables.yaml once for all methods
     for m in methods:
         rec = time_method(m, a.dataset, samples=a.samples, images=a.images, profile=a.profile, device=a.device,
                           untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
                           table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype, compile=a.compile,
-                          results=a.results, protocol=a.protocol, data_root=a.data_root)
+                          results=a.results, protocol=a.protocol, data_root=a.data_root, inference=inference)
         print(f"{m}: median {rec['median_s']:.3f} s for {a.samples} samples -> {rec['path']}", file=sys.stderr)
         recs.append(rec)
     sys.stdout.write(report(recs))
