@@ -75,6 +75,13 @@ def build_parser() -> Parser:
             p.add_argument("--size", type=int, default=128)
             p.add_argument("--channels", type=int, default=1)
 
+    p = sub.add_parser("grid-task", help="run job INDEX of a jobs file written by `amisbench grid --launcher slurm`",
+                       description="Read job INDEX (1-based, the Slurm array task id) of JOBS_FILE, a JSON list of "
+                       "`amisbench run` argument lists written by `amisbench grid`, check it, and run it. The "
+                       "jobs are data: nothing in them reaches a shell.", epilog=EPILOG)
+    p.add_argument("jobs_file", type=Path, metavar="JOBS_FILE", help="jobs.json written by `amisbench grid`")
+    p.add_argument("index", metavar="INDEX", help="which job, from 1 (e.g. $SLURM_ARRAY_TASK_ID)")
+
     p = sub.add_parser("data", help="prepare real datasets from the files you have")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
     q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
@@ -147,6 +154,16 @@ def _method_details(name: str, a: argparse.Namespace) -> str:
             f"{', '.join(cls.stages)}; NFE for 100 samples: {model.nfe(100)}")
 
 
+def cmd_grid_task(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .grid import read_job
+
+    argv = read_job(a.jobs_file, a.index)
+    print(f"amisbench grid-task: job {a.index}: {shlex.join(['amisbench', *argv])}", file=sys.stderr, flush=True)
+    return main(argv)
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     try:
         from amisbench.datasets._prepare import prepare
@@ -157,7 +174,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data}
+COMMANDS = {"run": cmd_run, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data, "grid-task": cmd_grid_task}
 
 
 def main(argv: list[str] | None = None) -> int:

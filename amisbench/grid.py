@@ -7,7 +7,9 @@ checkpoint and exits non-zero on failure. So the grid needs no engine of its own
 * ``local``: a pool of worker processes on this machine, one per entry of ``--devices 0,1`` (each job sees
   only its GPU through ``CUDA_VISIBLE_DEVICES``) or ``--workers N`` CPU workers; one log per job under
   ``<results>/logs/grid/``;
-* ``slurm``: a job-array script (``sbatch --array=1-N``) whose task k runs line k of a jobs file;
+* ``slurm``: a job-array script (``sbatch --array=1-N``) whose task k runs job k of ``jobs.json``. The jobs
+  are data (one JSON argument list each), never shell text: the script hands the file and the task id to
+  ``amisbench grid-task``, which reads job k and runs it in-process;
 * ``submitit``: the same jobs through submitit (optional: ``pip install submitit``), e.g. its local
   executor for a test or Slurm on a cluster.
 
@@ -89,6 +91,19 @@ class Job:
         return shlex.join(["amisbench", *self.args()])
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def refuse_control_characters(words: list[str], where: str) -> None:
+    """No value that reaches a launcher may hold a control character (a newline would end a line of a jobs
+    file, a carriage return or escape would hide text in a log)."""
+    for w in words:
+        m = _CONTROL.search(w)
+        if m:
+            raise UserError(f"{where}: the value {w!r} holds the control character U+{ord(m.group()):04X}; "
+                            "values that reach a launcher must be printable text")
+
+
 def _split_list(value: str | list | None, what: str) -> list[str]:
     if value is None:
         return []
@@ -166,6 +181,7 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
         res_dir = sweep_folder(root, list(combo)) if combo else (Path(results) if results is not None else None)
         job = Job(m, ds, seed, profile, v, [*common, *scoped.get(m, []), *extra],
                   None if res_dir is None else str(res_dir), protocol, data_root, device)
+        refuse_control_characters(job.args(), f"grid job {job.name}")
         res, folder = prepare(RunSpec(m, ds, seed, profile, v, job.sets, device, res_dir or root, False,
                                       data_root, protocol))
         job.folder = folder
@@ -279,14 +295,58 @@ def run_local(jobs: list[Job], *, workers: int = 1, devices: list[str] | None = 
     return done
 
 
+JOBS_FORMAT = "amisbench-grid-jobs/1"
+
+
+def write_jobs_file(path: Path, jobs: list[Job]) -> None:
+    """The Slurm array's jobs as data: ``{"format": ..., "jobs": [[arg, ...], ...]}`` (arguments after
+    ``amisbench``)."""
+    import json
+
+    from .store import atomic_write_text
+
+    argvs = [j.args() for j in jobs]
+    for j, argv in zip(jobs, argvs):
+        refuse_control_characters(argv, f"grid job {j.name}")
+    atomic_write_text(path, json.dumps({"format": JOBS_FORMAT, "jobs": argvs}, indent=1) + "\n")
+
+
+def read_job(path: Path, index: str | int) -> list[str]:
+    """Job ``index`` (1-based, as ``SLURM_ARRAY_TASK_ID``) of a jobs file, checked: a list of printable
+    strings that starts with ``run``. Anything else is a :class:`UserError` naming the file."""
+    import json
+
+    try:
+        k = int(str(index).strip())
+    except ValueError:
+        raise UserError(f"grid-task: INDEX {str(index)!r}: expected a whole number (the array task id)") from None
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the jobs file ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a jobs file written by `amisbench grid` (invalid JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != JOBS_FORMAT or not isinstance(doc.get("jobs"), list):
+        raise UserError(f"{path}: not a jobs file written by `amisbench grid` (expected format {JOBS_FORMAT})")
+    jobs = doc["jobs"]
+    if not 1 <= k <= len(jobs):
+        raise UserError(f"{path}: no job {k} (the file holds jobs 1-{len(jobs)})")
+    argv = jobs[k - 1]
+    if not (isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv) and argv[0] == "run"):
+        raise UserError(f"{path}: job {k} is not an `amisbench run` argument list")
+    refuse_control_characters(argv, f"{path}: job {k}")
+    return argv
+
+
 def slurm_script(jobs_file: Path, n: int, *, log_dir: Path, workdir: Path, limit: int | None = None,
                  gpus: int = 0, cpus: int | None = None, job_name: str = "amisbench",
-                 options: list[str] | None = None) -> str:
-    """A bash script for ``sbatch``: an array of ``n`` tasks, task k runs line k of ``jobs_file``."""
+                 options: list[str] | None = None, prefix: list[str] | None = None) -> str:
+    """A bash script for ``sbatch``: an array of ``n`` tasks; task k runs job k of ``jobs_file`` through
+    ``amisbench grid-task`` (the jobs are never evaluated as shell text)."""
     array = f"1-{n}" + (f"%{limit}" if limit else "")
     head = ["#!/bin/bash",
-            f"# amisbench grid: {n} job(s), one `amisbench run` per line of {jobs_file.name}. Every run is",
-            "# idempotent (a finished run is skipped, a killed one resumes), so the array can be resubmitted.",
+            f"# amisbench grid: {n} job(s), one `amisbench run` argument list each in {jobs_file.name}. Every run",
+            "# is idempotent (a finished run is skipped, a killed one resumes), so the array can be resubmitted.",
             f"#SBATCH --job-name={job_name}",
             f"#SBATCH --array={array}",
             f"#SBATCH --output={log_dir}/%A_%a.out"]
@@ -296,19 +356,14 @@ def slurm_script(jobs_file: Path, n: int, *, log_dir: Path, workdir: Path, limit
         head.append(f"#SBATCH --cpus-per-task={cpus}")
     for o in options or []:
         o = o.strip()
-        if "\n" in o or not o.startswith("-"):
+        if _CONTROL.search(o) or not o.startswith("-"):
             raise UserError(f"--sbatch {o!r}: expected one sbatch option such as --time=24:00:00")
         head.append(f"#SBATCH {o}")
+    refuse_control_characters([str(jobs_file), str(workdir), str(log_dir), job_name], "grid --launcher slurm")
     body = ["set -euo pipefail",
-            f"JOBS={shlex.quote(str(jobs_file))}",
             f"cd {shlex.quote(str(workdir))}",
-            'LINE=$(sed -n "${SLURM_ARRAY_TASK_ID}p" "$JOBS")',
-            'if [ -z "$LINE" ]; then',
-            '  echo "amisbench grid: no line ${SLURM_ARRAY_TASK_ID} in $JOBS" >&2',
-            "  exit 2",
-            "fi",
-            'echo "$LINE"',
-            'eval "$LINE"']
+            f'exec {shlex.join(prefix or local_prefix())} grid-task {shlex.quote(str(jobs_file))} '
+            '"${SLURM_ARRAY_TASK_ID:?not set: submit this script with sbatch}"']
     return "\n".join(head + [""] + body) + "\n"
 
 
@@ -530,8 +585,8 @@ def command(a) -> int:
         from .store import atomic_write_text
 
         out = out.resolve()
-        jobs_file = out / "jobs.txt"
-        atomic_write_text(jobs_file, "".join(j.line() + "\n" for j in todo))
+        jobs_file = out / "jobs.json"
+        write_jobs_file(jobs_file, todo)
         gpus = a.gpus_per_job
         script = slurm_script(jobs_file, len(todo), log_dir=out / "logs", workdir=Path.cwd(), limit=a.max_parallel,
                               gpus=gpus, cpus=a.cpus_per_job, options=a.sbatch_options)

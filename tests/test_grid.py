@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from amisbench import cli, grid
 from amisbench.errors import UserError
@@ -68,8 +69,18 @@ def test_finished_runs_are_skipped_only_with_the_same_config(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
 
 
-def test_slurm_script_is_valid_bash_and_runs_line_k(tmp_path, capsys):
+RECORDER = """import json, os, sys
+from amisbench.grid import read_job
+assert sys.argv[1] == "grid-task", sys.argv
+open(os.environ["RECORD"], "w").write(json.dumps(read_job(sys.argv[2], sys.argv[3])))
+"""
+
+
+def test_slurm_script_is_valid_bash_and_runs_job_k(tmp_path, capsys, monkeypatch):
     out = tmp_path / "grid"
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    monkeypatch.setattr(grid, "local_prefix", lambda: [sys.executable, str(recorder)])
     rc = cli.main(["grid", "--method", "ssn", "--dataset", "synthetic", "--seeds", "3", "--profile", "smoke",
                    "--results", str(tmp_path / "res dir"), "--set", "method.unet.widths=[4, 8]",
                    "--launcher", "slurm", "--out", str(out), "--max-parallel", "2", "--gpus-per-job", "1",
@@ -78,26 +89,68 @@ def test_slurm_script_is_valid_bash_and_runs_line_k(tmp_path, capsys):
     assert rc == 0 and script == (out / "grid.sbatch").read_text()
     assert "#SBATCH --array=1-3%2" in script and "#SBATCH --gres=gpu:1" in script
     assert "#SBATCH --time=01:00:00" in script
+    assert "eval" not in script and "jobs.txt" not in script
     check = subprocess.run(["bash", "-n", str(out / "grid.sbatch")], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    lines = (out / "jobs.txt").read_text().splitlines()
-    assert len(lines) == 3
-    # run task 2 with a stand-in `amisbench` that records its arguments
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "amisbench"
-    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "2",
-           "RECORD": str(tmp_path / "args.txt")}
+    doc = json.loads((out / "jobs.json").read_text())
+    assert doc["format"] == grid.JOBS_FORMAT and len(doc["jobs"]) == 3
+    assert [j[j.index("--seed") + 1] for j in doc["jobs"]] == ["0", "1", "2"]
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "RECORD": str(tmp_path / "args.json"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(["bash", str(out / "grid.sbatch")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "args.txt").read_text().splitlines() == shlex.split(lines[1])[1:]
-    assert "--seed\n1\n" in (tmp_path / "args.txt").read_text()
-    assert "method.unet.widths=[4, 8]" in (tmp_path / "args.txt").read_text().splitlines()
-    env["SLURM_ARRAY_TASK_ID"] = "4"
-    missing = subprocess.run(["bash", str(out / "grid.sbatch")], env=env, capture_output=True, text=True)
-    assert missing.returncode == 2 and "no line 4" in missing.stderr
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args == doc["jobs"][1] and args[args.index("--seed") + 1] == "1"
+    assert "method.unet.widths=[4, 8]" in args
+
+
+def test_grid_task_reads_one_checked_job(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setitem(cli.COMMANDS, "run", lambda a: ran.append((a.method, a.seed)) or 0)
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"format": grid.JOBS_FORMAT, "jobs": [
+        ["run", "--method", "ssn", "--dataset", "synthetic", "--seed", "0"],
+        ["run", "--method", "unet", "--dataset", "synthetic", "--seed", "7"],
+        ["table"],
+        ["run", "--method", "ssn\ntouch /tmp/x", "--dataset", "synthetic"]]}))
+    assert cli.main(["grid-task", str(jobs), "2"]) == 0 and ran == [("unet", 7)]
+    for index, words in (("5", "no job 5 (the file holds jobs 1-4)"), ("x", "expected a whole number"),
+                         ("3", "not an `amisbench run` argument list"), ("4", "control character U+000A")):
+        assert cli.main(["grid-task", str(jobs), index]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    jobs.write_text("ssn; touch /tmp/x")
+    assert cli.main(["grid-task", str(jobs), "1"]) == 2
+    assert "not a jobs file written by `amisbench grid`" in capsys.readouterr().err
+    assert ran == [("unet", 7)]
+
+
+def test_slurm_injection_through_a_grid_value_runs_nothing(tmp_path, capsys):
+    """A grid value holding a newline once became its own line of jobs.txt and ran as a shell command."""
+    marker = tmp_path / "pwned"
+    spec = tmp_path / "evil.yaml"
+    spec.write_text(yaml.safe_dump({"method": "ssn", "dataset": "synthetic", "profile": "smoke",
+                                    "set": [f"ssn:method.rank=4'\ntouch {marker} #"]}))
+    out = tmp_path / "grid"
+    rc = cli.main(["grid", "--grid", str(spec), "--results", str(tmp_path / "res"), "--launcher", "slurm",
+                   "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "control character U+000A" in err and "Traceback" not in err
+    assert not out.exists() and not marker.exists()
+    # a jobs file edited by hand with shell syntax in its values: the real script and `grid-task` run no shell
+    out.mkdir()
+    script = grid.slurm_script(out / "jobs.json", 2, log_dir=out / "logs", workdir=tmp_path)
+    (out / "grid.sbatch").write_text(script)
+    (out / "jobs.json").write_text(json.dumps({"format": grid.JOBS_FORMAT, "jobs": [
+        ["run", "--method", f"ssn; touch {marker}; #", "--dataset", "synthetic", "--results", str(tmp_path / "r")],
+        ["run", "--method", f"$(touch {marker})", "--dataset", "`touch {marker}`", "--results",
+         str(tmp_path / "r")]]}))
+    for task in ("1", "2"):
+        done = subprocess.run(["bash", str(out / "grid.sbatch")], capture_output=True, text=True,
+                              env={**os.environ, "SLURM_ARRAY_TASK_ID": task})
+        assert done.returncode == 2, done.stderr
+        assert "unknown method" in done.stderr.lower() or "error" in done.stderr
+    assert not marker.exists() and not (tmp_path / "r").exists()
 
 
 def test_local_failures_are_listed_with_a_nonzero_exit(tmp_path, capsys):
