@@ -247,9 +247,19 @@ def read_yaml(path: Path | str, what: str = "config") -> Any:
     """Read a YAML file with a one-sentence error for a missing or malformed file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{what} file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"{what} file {path} cannot be read ({e.strerror or e})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{what} file {path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as "
+                        "UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} file {path} is not UTF-8 text (byte {e.start} is invalid); save it as UTF-8"
+                        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -318,6 +328,32 @@ def config_hash(plain: dict) -> str:
 
 def replace(obj: Any, **kw: Any) -> Any:
     return dataclasses.replace(obj, **kw)
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Values the types alone do not check, refused before anything runs (the runner and the grid call it
+    through ``runner.prepare``): sizes and intervals must be positive, rates positive and finite."""
+    import math
+
+    def positive(value: Any, where: str, what: str = "a positive integer") -> None:
+        if value is not None and not value > 0:
+            raise UserError(f"{where}: expected {what}, got {value}")
+
+    for stage, sc in cfg.train.items():
+        w = f"train.{stage}"
+        positive(sc.batch_size, f"{w}.batch_size")
+        positive(sc.ckpt_every, f"{w}.ckpt_every", "a positive number of steps")
+        positive(sc.log_every, f"{w}.log_every", "a positive number of steps")
+        if not (math.isfinite(sc.lr) and sc.lr > 0):
+            raise UserError(f"{w}.lr: expected a positive finite learning rate, got {sc.lr}")
+        if not 0.0 <= sc.min_lr <= sc.lr:
+            raise UserError(f"{w}.min_lr: expected a value between 0 and lr ({sc.lr}), got {sc.min_lr}")
+        if sc.epochs is not None and not (math.isfinite(sc.epochs) and sc.epochs >= 0):
+            raise UserError(f"{w}.epochs: expected a non-negative finite number, got {sc.epochs}")
+    ev = cfg.eval
+    positive(ev.n_samples, "eval.n_samples")
+    positive(ev.max_images, "eval.max_images", "a positive integer or null (the whole split)")
+    positive(ev.batch_images, "eval.batch_images")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -434,6 +434,10 @@ def command(a) -> int:
     from .runner import default_results
 
     results = a.results or default_results()
+    if a.out is not None:
+        from .store import check_output_dir
+
+        check_output_dir(a.out, "--out")
     kinds = KINDS if a.kind == "all" else (a.kind,)
     made: list[Path] = []
     for kind in kinds:

@@ -176,6 +176,7 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     sweep_axes = parse_sweeps(sweeps)
     combos = list(itertools.product(*[[(k, v) for v in vals] for k, vals in sweep_axes])) or [()]
     jobs: list[Job] = []
+    by_folder: dict[Path, Job] = {}
     for ds, (m, v), combo, seed in itertools.product(datasets, pairs, combos, range(seeds)):
         extra = [f"{k}={val}" for k, val in combo]
         res_dir = sweep_folder(root, list(combo)) if combo else (Path(results) if results is not None else None)
@@ -186,6 +187,13 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
                                       data_root, protocol))
         job.folder = folder
         job.tag = res_dir.name if combo else ""
+        other = by_folder.get(folder.resolve())
+        if other is not None:  # one folder, one job: a repeated job is dropped, two configs are refused
+            if other.args() == job.args():
+                continue
+            raise UserError(f"grid jobs {other.name} and {job.name} would both write the run folder {folder}; "
+                            "give the sweep values names that differ in letters and digits, or drop one")
+        by_folder[folder.resolve()] = job
         job.done = is_done(folder) and finished_hash(folder) == res.hash()
         jobs.append(job)
     return jobs
@@ -229,8 +237,17 @@ def run_local(jobs: list[Job], *, workers: int = 1, devices: list[str] | None = 
     stop = threading.Event()
     running: set[subprocess.Popen] = set()
     lock = threading.Lock()
+    # jobs of one run folder run one after the other, never at once (the runner would refuse the second)
+    folder_locks = {str(j.folder): threading.Lock() for j in jobs if j.folder is not None}
 
     def one(job: Job) -> tuple[Job, int | None, Path, float]:
+        held = folder_locks.get(str(job.folder)) if job.folder is not None else None
+        if held is None:
+            return one_slot(job)
+        with held:
+            return one_slot(job)
+
+    def one_slot(job: Job) -> tuple[Job, int | None, Path, float]:
         log = log_dir / f"{job.name}.log"
         slot = slots.get()
         try:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import UserError
-from .store import RUNS
+from .store import RUNS, read_metrics, read_run_info
 
 COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "label", "profile", "seed", "metric",
            "value", "run_dir"]
@@ -26,12 +25,12 @@ def scan(results: Path | str) -> tuple[pd.DataFrame, list[Path]]:
             if not run_json.is_file():
                 unfinished.append(seed_dir)
                 continue
-            info = json.loads(run_json.read_text())
+            info = read_run_info(seed_dir)  # a damaged file is a UserError naming it
             metrics_path = seed_dir / "metrics.json"
             if not metrics_path.is_file():
                 unfinished.append(seed_dir)
                 continue
-            metrics = json.loads(metrics_path.read_text())
+            metrics = read_metrics(seed_dir)
             variant = info.get("variant")
             for key, value in metrics.items():
                 if key == "n_images":

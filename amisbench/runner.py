@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Resolved, StageConfig, resolve
+from .config import Resolved, StageConfig, check_values, resolve
 from .errors import UserError
 from .evaluate import evaluate
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed
-from .store import (atomic_write_text, finished_hash, is_done, load_torch, run_dir, save_torch, write_json,
-                    write_yaml)
+from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
+                    clean_temporaries, finished_hash, is_done, load_torch, read_run_info, run_dir, save_torch,
+                    write_json, write_yaml)
 
 
 class RunFailed(Exception):
@@ -231,13 +232,14 @@ def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
         sets.insert(0, f"dataset.root={spec.data_root}")
     if spec.protocol is not None:
         sets.insert(0, f"dataset.protocol={spec.protocol}")
+    if spec.seed < 0:
+        raise UserError(f"--seed {spec.seed}: expected a non-negative integer")
     res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets)
-    for stage, sc in res.cfg.train.items():  # values the types alone do not check (grid validates through here)
-        if not 0.0 <= sc.min_lr <= sc.lr:
-            raise UserError(f"train.{stage}.min_lr: expected a value between 0 and lr ({sc.lr}), got {sc.min_lr}")
+    check_values(res.cfg)  # values the types alone do not check (grid validates through here)
     protocol = getattr(res.cfg.dataset, "protocol", None)
     default_protocol = getattr(type(res.cfg.dataset)(), "protocol", None)
-    folder = run_dir(spec.results or default_results(), spec.dataset, spec.method, spec.profile, spec.seed,
+    results = check_output_dir(Path(spec.results or default_results()), "--results")
+    folder = run_dir(results, spec.dataset, spec.method, spec.profile, spec.seed,
                      spec.variant, protocol if protocol != default_protocol else None)
     return res, folder
 
@@ -252,16 +254,81 @@ def run(method: str, dataset: str, *, seed: int = 0, profile: str = "quick", var
 
 
 def run_spec(spec: RunSpec, rep: Reporter) -> Path:
+    """Run one spec while holding its folder's lock (a second command on the folder is refused, naming this
+    one); temporaries of a killed write are removed first; a failed write says what is still intact."""
     res, folder = prepare(spec)
     dev = pick_device(spec.device)
+    with FolderLock(folder):
+        ckpt_path = folder / "ckpt" / "last.pt"
+        try:
+            return _run_locked(spec, rep, res, folder, dev)
+        except WriteFailed as e:
+            kept = (f"the last checkpoint {ckpt_path} is intact; free space (or fix the folder) and rerun the same "
+                    "command to resume from it") if ckpt_path.is_file() else "no checkpoint had been written yet"
+            raise UserError(f"{e}; {kept}") from None
+
+
+def check_memory(mcls: Any, cfg: Any, data_spec: Any, method: str, dev: torch.device) -> None:
+    """Refuse a config whose model cannot fit: parameters counted on the ``meta`` device (nothing allocated),
+    times 16 bytes (weights, gradients, two Adam moments, float32), against the memory of ``dev``."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in mcls(cfg.method, data_spec).parameters())
+    except (ValueError, TypeError):
+        return  # the real build below reports it
+    except Exception:  # noqa: BLE001 - a method that cannot be built on meta is not estimated
+        return
+    need = 16 * n
+    if dev.type == "cuda":
+        have, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev} has"
+    else:
+        try:
+            have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        raise UserError(f"{method} with this config has {n:,} parameters and needs at least {need / 2**30:,.1f} GiB "
+                        f"for its weights, gradients and optimizer state, but {where} {have / 2**30:,.1f} GiB; "
+                        "lower the sizes in the method's config (e.g. method.rank or the U-Net widths)")
+
+
+def check_state(state: Any, path: Path) -> dict:
+    """A resume checkpoint must be a dict with the runner's keys (its checksum has passed already)."""
+    keys = ("config_hash", "model", "stage", "step", "done_stages", "log", "rng")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected the runner's dict; "
+                              "delete it or pass --force to start over")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; delete it or pass --force to start "
+                              "over")
+    return state
+
+
+def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
+    """``model.load_state_dict`` with a one-sentence error for missing or unexpected keys and wrong shapes."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({detail}); delete it or pass --force "
+                              "to start over") from None
+
+
+def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: torch.device) -> Path:
     cfg = res.cfg
     chash = res.hash()
     name = f"{spec.method}{'-' + spec.variant if spec.variant else ''} on {spec.dataset} " \
            f"({spec.profile}, seed {spec.seed})"
     if folder.exists() and spec.force:
         shutil.rmtree(folder)
+    clean_temporaries(folder)  # of a write killed mid-way (e.g. ckpt/.last.pt.<random>.tmp)
     if is_done(folder):
-        old = finished_hash(folder)
+        try:
+            old = finished_hash(folder)
+        except UserError as e:
+            raise UserError(f"{e}; pass --force to run it again") from None
         if old != chash:
             raise UserError(f"{folder} holds a finished run with another config (hash {old}, now {chash}); "
                             "pass --force to replace it or choose another --results folder")
@@ -276,28 +343,26 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
 
     ckpt_path = folder / "ckpt" / "last.pt"
     state = None
-    if ckpt_path.is_file():
-        try:
-            state = load_torch(ckpt_path)
-        except Exception as e:  # a truncated checkpoint: say so rather than resume from garbage
-            raise UserError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); delete it or pass "
-                            "--force to start over") from None
+    if ckpt_path.is_file():  # checksum verified, then the contents checked: never resume from garbage
+        state = check_state(load_torch(ckpt_path), ckpt_path)
         if state.get("config_hash") != chash:
             raise UserError(f"{folder} holds a checkpoint of another config (hash {state.get('config_hash')}, "
                             f"now {chash}); pass --force to start over or choose another --results folder")
+    check_memory(mcls, cfg, train_ds.spec, spec.method, dev)
     torch.manual_seed(derive_seed("init", spec.seed))
     try:
         model = mcls(cfg.method, train_ds.spec).to(dev)
     except (ValueError, TypeError) as e:
         raise UserError(f"{spec.method} cannot be built with this config for {spec.dataset} "
                         f"({train_ds.spec.height}x{train_ds.spec.width}): {e}") from None
+    if state:  # before anything is written: a checkpoint that does not fit is refused with the folder untouched
+        load_weights(model, state["model"], ckpt_path)
     folder.mkdir(parents=True, exist_ok=True)
     write_yaml(folder / "config.yaml", {"sources": res.sources, **res.plain()})
     log_rows: list[dict] = state["log"] if state else []
     done_stages: list[str] = list(state["done_stages"]) if state else []
     timings: dict[str, float] = dict(state.get("timings", {})) if state else {}
     if state:
-        model.load_state_dict(state["model"])
         rep.line(f"{name}: resuming from {ckpt_path} (stage {state['stage']}, step {state['step']})")
     else:
         rep.line(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -331,9 +396,13 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
         if state and state["stage"] == stage:
             step = state["step"]
             stage_time = state.get("timings", {}).get(stage, 0.0)
-            if opt and state["optimizer"]:
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
+            if opt and state.get("optimizer"):
+                try:
+                    opt.load_state_dict(state["optimizer"])
+                    sched.load_state_dict(state["scheduler"])
+                except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                    raise CheckpointError(f"checkpoint {ckpt_path}: its optimizer state does not fit this stage "
+                                          f"({e}); delete it or pass --force to start over") from None
             ema = state["ema"] if sc.ema_decay else None
             torch.set_rng_state(state["rng"])
             if dev.type == "cuda" and state.get("cuda_rng") is not None:
@@ -431,15 +500,16 @@ def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Modu
     Returns:
         The model in eval mode on ``device``, the evaluation dataset of the run, and its resolved config.
     """
-    import json
-
-    import yaml
+    from .config import read_yaml
 
     folder = Path(folder)
     if not is_done(folder):
         raise UserError(f"{folder} is not a finished run (no run.json)")
-    info = json.loads((folder / "run.json").read_text())
-    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    info = read_run_info(folder)
+    saved = read_yaml(folder / "config.yaml", "run config")
+    if not isinstance(saved, dict) or any(k not in saved for k in ("method", "dataset", "train", "eval")):
+        raise UserError(f"run config file {folder / 'config.yaml'} lacks the sections method, dataset, train, eval; "
+                        "the file is damaged")
     spec = RunSpec(info["method"], info["dataset"], info["seed"], info["profile"], info.get("variant"))
     res = resolve(spec.method, spec.dataset, spec.profile, spec.variant)
     from .config import apply_section_tree
@@ -450,8 +520,9 @@ def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Modu
     dcls = DATASETS.get(spec.dataset)
     eval_ds = dcls(res.cfg.dataset, res.cfg.eval.split)
     model = mcls(res.cfg.method, eval_ds.spec).to(dev)
-    state = load_torch(folder / "ckpt" / "last.pt", map_location=dev)
-    model.load_state_dict(state["model"])
+    ckpt = folder / "ckpt" / "last.pt"
+    state = check_state(load_torch(ckpt, map_location=dev), ckpt)
+    load_weights(model, state["model"], ckpt)
     for stage in mcls.stages:
         model.on_stage_start(stage)
     model.eval()

@@ -711,9 +711,11 @@ def command(a) -> int:
     import sys
 
     from .runner import default_results
-    from .store import atomic_write_text
+    from .store import atomic_write_text, check_output_file
 
     results = a.results or default_results()
+    if a.out is not None:  # before any work or output: a folder or a read-only place is refused here
+        check_output_file(a.out, "--out")
     if a.table is not None:
         t = build_table(a.table, results, a.dataset, a.profile, a.protocol, a.compare_paper, a.device)
     else:

@@ -328,6 +328,11 @@ def command(a) -> int:
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
         raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
+    from .registry import DATASETS, METHODS
+
+    for m in methods:  # every name before timing anything
+        METHODS.get(m)
+    DATASETS.get(a.dataset)
     recs = []
     inference = table_inference()  # read configs/tables.yaml once for all methods
     for m in methods:

@@ -15,6 +15,10 @@ import numpy as np
 from amisbench.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: the most pixels a dataset image may have (a 180x180 LIDC crop has 32,400, a full ISIC photograph up to about
+#: 24 million); a file that declares more is refused before it is decoded (a decompression bomb expands a few
+#: kilobytes of PNG into gigabytes)
+MAX_PIXELS = 1 << 26
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -39,6 +43,10 @@ def read_raw(path: Path) -> np.ndarray:
     Image = _pil()
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{path}: the image declares {w}x{h} = {w * h:,} pixels, above the limit of "
+                                f"{MAX_PIXELS:,} pixels for a dataset image (a decompression bomb?)")
             im.load()
             if im.mode == "1":
                 return np.asarray(im, dtype=bool)
@@ -51,6 +59,8 @@ def read_raw(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit (e.g. an animated file's frames)
+        raise UserError(f"{path}: refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise UserError(f"{path}: cannot read the image, it is truncated or not an image ({e})") from None
 

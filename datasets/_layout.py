@@ -20,10 +20,12 @@ reported instead of read.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 from collections import Counter
@@ -33,10 +35,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from amisbench.errors import UserError
+from amisbench.store import sha256_file, write_problem
 
 FORMAT = "amisbench-prepared"
 VERSION = 1
 SPLITS = ("train", "val", "test")
+READ_FILES = ("images.npy", "masks.npy", "meta.csv")  # opened by every reader; the split lists are checked on use
 META_COLUMNS = ("id", "group", "patient", "series", "readers", "source_key", "source_split", "source_index",
                 "extra")
 
@@ -139,15 +143,59 @@ def split_hash(ids: Iterable[str]) -> str:
 # writing
 # ----------------------------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 24)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id_part(part: str, where: str, separators: bool = True) -> str:
+    """An id (or one component of a composed id such as ``<patient>/<stem>``) from a source: printable, no path
+    separator, not empty, ``.`` or ``..``. Ids are written one a line in the split files and shown in tables.
+    ``separators=False`` checks a composed id for control characters only."""
+    m = (_BAD_ID if separators else _CONTROL).search(part)
+    if m:
+        what = "a path separator" if m.group() in "/\\" else f"the control character U+{ord(m.group()):04X}"
+        raise UserError(f"{where}: the id {part!r} holds {what}; ids must be printable names without / or \\")
+    if separators and part in ("", ".", ".."):
+        raise UserError(f"{where}: the id {part!r} is not a name")
+    return part
+
+
+def not_finite(a: np.ndarray) -> str | None:
+    """'NaN' / 'inf' when the float array holds such values (named as such), else None."""
+    if a.dtype.kind != "f":
+        return None
+    if np.isnan(a).any():
+        return f"NaN ({int(np.isnan(a).sum())} values)"
+    if np.isinf(a).any():
+        return f"infinite values ({int(np.isinf(a).sum())})"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_partials(out: Path) -> list[Path]:
+    """Remove ``.<name>.partial-<pid>-<hex>/`` folders of ``out`` left by a killed prepare (its pid no longer
+    runs); a live prepare's folder is left alone."""
+    removed = []
+    pattern = re.compile(re.escape(f".{out.name}.partial-") + r"(\d+)-[0-9a-f]+")
+    try:
+        siblings = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def check_out(out: Path) -> Path:
@@ -162,6 +210,19 @@ def check_out(out: Path) -> Path:
     return out
 
 
+def reserve(path: Path) -> None:
+    """Allocate the whole file on disk (``posix_fallocate``) where the system supports it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # EOPNOTSUPP / EINVAL: a file system without fallocate; the writes find out instead
+
+
 class PreparedWriter:
     """Builds a prepared folder under a temporary sibling name; :meth:`commit` renames it into place.
 
@@ -171,11 +232,15 @@ class PreparedWriter:
     def __init__(self, out: Path | str, kind: str):
         self.out = check_out(Path(out))
         self.kind = kind
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
         self.images: np.ndarray | None = None
         self.masks: np.ndarray | None = None
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            clean_partials(self.out)  # of a prepare of the same --out that was killed
+            self.tmp.mkdir()
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write there: {write_problem(e)}") from None
 
     def __enter__(self) -> "PreparedWriter":
         return self
@@ -195,6 +260,8 @@ class PreparedWriter:
                                                 shape=(n, c, h, w))
         self.masks = np.lib.format.open_memmap(self.tmp / "masks.npy", mode="w+", dtype=np.uint8,
                                                shape=(n, readers, h, w))
+        for name in ("images.npy", "masks.npy"):  # reserve the blocks now: a full disk is an error here, not a
+            reserve(self.tmp / name)               # SIGBUS when a page of the memory map is first written
 
     def commit(self, *, meta: list[dict[str, Any]], source: dict[str, Any], image_scale: float,
                protocols: dict[str, dict[str, Any]], notes: dict[str, Any] | None = None) -> Path:
@@ -214,6 +281,8 @@ class PreparedWriter:
             arr.flush()
         self.images = self.masks = None  # close the memory maps before hashing
         ids = [str(r["id"]) for r in meta]
+        for i in ids:  # composed ids (<patient>/<stem>) join parts checked by the converters with '/'
+            check_id_part(i, str(source.get("name", "source")), separators=False)
         dup = [i for i, c in Counter(ids).items() if c > 1]
         if dup:
             raise UserError(f"{source.get('name', 'source')}: duplicate image id(s) {', '.join(dup[:5])}")
@@ -303,7 +372,15 @@ class Prepared:
                             f"reads version {VERSION}; {again}")
         if manifest.get("kind") != kind:
             raise UserError(f"{root}: holds prepared '{manifest.get('kind')}' data, not '{kind}'")
-        for rel, entry in manifest["files"].items():
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                                  and isinstance(e.get("sha256"), str) for e in files.values()):
+            raise UserError(f"{mpath}: 'files' must map each file to its bytes and sha256; {again}")
+        unlisted = [f for f in READ_FILES if f not in files]
+        if unlisted:  # the checksums cover every file read: a manifest cannot switch them off by leaving one out
+            raise UserError(f"{mpath}: the manifest does not list {', '.join(unlisted)}, so the file cannot be "
+                            f"verified; {again}")
+        for rel, entry in files.items():
             path = root / rel
             if not path.is_file():
                 raise UserError(f"{path}: listed in the manifest but missing; {again}")
@@ -342,7 +419,11 @@ class Prepared:
         return list(self.manifest["protocols"])
 
     def split_file(self, protocol: str, split: str) -> list[str]:
-        text = (self.root / "splits" / protocol / f"{split}.txt").read_text()
+        rel = f"splits/{protocol}/{split}.txt"
+        if rel not in self.manifest["files"]:
+            raise UserError(f"{self.root / 'manifest.json'}: the manifest does not list {rel}, so the split cannot "
+                            f"be verified; run `amisbench data prepare {self.kind} --from SOURCE --out DIR` again")
+        text = (self.root / rel).read_text()
         return [line for line in text.splitlines() if line]
 
     def rows(self, ids: list[str]) -> list[int]:

@@ -27,7 +27,7 @@ import numpy as np
 from amisbench.errors import UserError
 
 from ._images import binary_mask, read_raw, to_unit
-from ._layout import SPLITS, PreparedWriter, atfm_paper_split, check_disjoint, group_split
+from ._layout import SPLITS, PreparedWriter, atfm_paper_split, check_disjoint, check_id_part, group_split, not_finite
 from ._progress import Progress
 from ._unpickle import load as restricted_load
 
@@ -177,7 +177,7 @@ def from_pickle(files: list[Path], src: Path, w: PreparedWriter, progress: Progr
     meta = []
     advance = progress.task("converting", n)
     for i, k in enumerate(keys):
-        key = str(k)
+        key = check_id_part(str(k), f"{where}: a slice key")
         entry = data.pop(k)  # free each slice once copied: the peak stays near the pickle's own size
         image, masks = _entry_arrays(key, entry, where)
         if image.shape != shape:
@@ -190,7 +190,10 @@ def from_pickle(files: list[Path], src: Path, w: PreparedWriter, progress: Progr
             if m.shape != shape:
                 raise UserError(f"{where}: entry '{key}': mask shape {m.shape}, expected {shape}")
         img = image.astype(np.float64, copy=False)
-        if not np.isfinite(img).all() or img.min() < -1e-6 or img.max() > 1 + 1e-6:
+        bad = not_finite(img)
+        if bad:
+            raise UserError(f"{where}: entry '{key}': the image holds {bad}; expected finite values in [0, 1]")
+        if img.min() < -1e-6 or img.max() > 1 + 1e-6:
             raise UserError(f"{where}: entry '{key}': image values must be finite and in [0, 1] (the Prob. U-Net "
                             f"pickle convention), found [{np.nanmin(img):.4g}, {np.nanmax(img):.4g}]")
         mk = np.stack(masks)
@@ -320,7 +323,11 @@ def _from_hdf5(f: Any, path: Path, w: PreparedWriter, progress: Progress) -> dic
             labels = np.asarray(lb[s:s + chunk])
             if nhwa:
                 labels = labels.transpose(0, 3, 1, 2)
-            if not np.isfinite(images).all() or images.min() < -0.5 - 1e-6 or images.max() > 0.5 + 1e-6:
+            bad = not_finite(images)
+            if bad:
+                raise UserError(f"{path}: {name}/images[{s}:{s + len(images)}] holds {bad}; expected finite values in "
+                                "[-0.5, 0.5]")
+            if images.min() < -0.5 - 1e-6 or images.max() > 0.5 + 1e-6:
                 raise UserError(f"{path}: {name}/images[{s}:{s + len(images)}] has values outside [-0.5, 0.5] "
                                 f"(the PHiSeg/CCDM convention): [{np.nanmin(images):.4g}, {np.nanmax(images):.4g}]")
             _check_mask_values(labels, f"{path}: {name}/labels[{s}:{s + len(labels)}]")
@@ -377,7 +384,7 @@ def _listing(src: Path) -> list[tuple[str, str, str, Path, dict[int, Path]]]:
                     continue
                 if f.suffix.lower() != ".png":
                     raise UserError(f"{f}: unexpected file in the image tree (expected .png)")
-                key = (pdir.name, f.stem)
+                key = (check_id_part(pdir.name, f"{pdir}: a patient folder"), check_id_part(f.stem, f"{f}: a file name"))
                 seen.add(key)
                 ks = masks.get(key, {})
                 if not ks:

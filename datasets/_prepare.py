@@ -11,9 +11,11 @@ sibling folder and renamed.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from amisbench.errors import UserError
+from amisbench.store import write_problem
 
 from ._layout import PreparedWriter, check_out
 from ._progress import Progress
@@ -70,5 +72,15 @@ def prepare(kind: str, src: str | Path, out: str | Path, *, show_progress: bool 
             return w.commit(**res)
     except MemoryError:
         raise UserError(f"{src}: not enough memory to convert the source") from None
+    except RecursionError:
+        raise UserError(f"{src}: the source is nested too deeply to be data (nothing was written)") from None
+    except OSError as e:
+        name = getattr(e, "filename", None)
+        ours = [q for q in (Path(str(name)), *Path(str(name)).parents)
+                if q.name == out.name or q.name.startswith(f".{out.name}.partial-")]
+        if name and not ours and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the source's
+            raise UserError(f"{name}: cannot read it ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot write the prepared data: {write_problem(e)}; nothing was left at "
+                        "--out") from None
     finally:
         progress.close()

@@ -208,23 +208,63 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise Refused(f"a persistent id ({type(pid).__name__})")
 
 
-def plain(obj: Any) -> Any:
-    """Turn the stand-ins into ``str``/``float``/``int``/``list``, recursively through dicts/lists/tuples."""
+class Cyclic(ValueError):
+    """The pickle holds a container that contains itself."""
+
+
+def _leaf(obj: Any) -> Any:
     if isinstance(obj, UIDStandIn):
         return str(obj)
     if isinstance(obj, FloatStandIn):
         return float(obj)
     if isinstance(obj, IntStandIn):
         return int(obj)
-    if isinstance(obj, MultiValueStandIn):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(plain(v) for v in obj)
     return obj
+
+
+def _items(obj: Any) -> list:
+    return list(obj.values()) if isinstance(obj, dict) else list(obj)
+
+
+def plain(obj: Any) -> Any:
+    """Turn the stand-ins into ``str``/``float``/``int``/``list`` through dicts/lists/tuples.
+
+    Iterative (an explicit stack, children before parents), so a deeply nested pickle cannot exhaust the
+    interpreter's recursion limit; a container shared twice is converted once; a cycle raises :class:`Cyclic`.
+    """
+    def container(o: Any) -> bool:
+        return isinstance(o, (dict, list, tuple))
+
+    if not container(obj):
+        return _leaf(obj)
+    done: dict[int, Any] = {}
+    open_: set[int] = set()  # containers whose children are being converted: the path from the root
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        o, expanded = stack.pop()
+        if id(o) in done:
+            continue
+        if not expanded:
+            open_.add(id(o))
+            stack.append((o, True))
+            for c in _items(o):
+                if container(c) and id(c) not in done:
+                    if id(c) in open_:
+                        raise Cyclic("a container holds itself")
+                    stack.append((c, False))
+            continue
+
+        def get(v: Any) -> Any:
+            return done[id(v)] if container(v) else _leaf(v)
+
+        if isinstance(o, dict):
+            done[id(o)] = {k: get(v) for k, v in o.items()}
+        elif isinstance(o, tuple):
+            done[id(o)] = tuple(get(v) for v in o)
+        else:  # list, MultiValueStandIn
+            done[id(o)] = [get(v) for v in o]
+        open_.discard(id(o))
+    return done[id(obj)]
 
 
 class _CountingReader(io.RawIOBase):
@@ -298,4 +338,8 @@ def load(path: Path | str, *, on_bytes: Callable[[int], None] | None = None) -> 
                     break
     except OSError as e:
         raise UserError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    return plain(obj), hasher.hexdigest()
+    try:
+        return plain(obj), hasher.hexdigest()
+    except Cyclic:
+        raise UserError(f"{path}: the pickle holds a list or dict that contains itself, which is not data") from None
+
