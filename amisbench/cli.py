@@ -40,7 +40,9 @@ def build_parser() -> Parser:
                        description="Train every stage of METHOD on DATASET, evaluate GED_16/32/100, HM-IoU_32, "
                        "MDM_32 on prefixes of 100 samples per test image, and write "
                        "results/runs/<dataset>/<method>[-<variant>]/<profile>/seed-<k>/. A finished run is "
-                       "skipped; a killed run resumes from ckpt/last.pt.", epilog=EPILOG)
+                       "skipped; a killed run resumes from ckpt/last.pt (checked against ckpt/last.pt.sha256). A run "
+                       "folder is locked while a command uses it: a second command on it exits 2 naming the first.",
+                       epilog=EPILOG)
     p.add_argument("--method", required=True, help="registered method name (see `amisbench methods`)")
     p.add_argument("--dataset", required=True, help="registered dataset name (see `amisbench datasets`)")
     seeds = p.add_mutually_exclusive_group()

@@ -136,9 +136,9 @@ def _read_checksums(path: Path) -> list[str]:
 def save_torch(path: Path, obj: Any) -> None:
     """Save a checkpoint (any name: ``last.pt``, ``best.pt``, ...) atomically with its sha256 beside it.
 
-    The order keeps every moment consistent: the checksum file first lists the new and the current hash, then
-    the checkpoint is renamed into place, then the checksum file keeps the new hash only; a process killed at
-    any point leaves a checkpoint whose hash is listed.
+    The order keeps every moment consistent: the checksum file first lists the new hash and those it listed
+    already, then the checkpoint is renamed into place, then the checksum file keeps the new hash only; a
+    process killed at any point leaves a checkpoint whose hash is listed.
     """
     import torch  # here, so that reading results (tables) does not import torch
 
@@ -146,7 +146,7 @@ def save_torch(path: Path, obj: Any) -> None:
     torch.save(obj, buf)
     data = buf.getvalue()
     new = hashlib.sha256(data).hexdigest()
-    old = _read_checksums(path)[:1] if Path(path).is_file() else []
+    old = _read_checksums(path) if Path(path).is_file() else []  # all: an earlier save may have been killed
     atomic_write_text(checksum_path(path), "\n".join([new, *old]) + "\n")
     atomic_write_bytes(path, data)
     if old:

@@ -384,7 +384,8 @@ def _listing(src: Path) -> list[tuple[str, str, str, Path, dict[int, Path]]]:
                     continue
                 if f.suffix.lower() != ".png":
                     raise UserError(f"{f}: unexpected file in the image tree (expected .png)")
-                key = (check_id_part(pdir.name, f"{pdir}: a patient folder"), check_id_part(f.stem, f"{f}: a file name"))
+                key = (check_id_part(pdir.name, f"{pdir}: a patient folder"),
+                       check_id_part(f.stem, f"{f}: a file name"))
                 seen.add(key)
                 ks = masks.get(key, {})
                 if not ks:

@@ -125,3 +125,25 @@ def test_a_checkpoint_written_twice_keeps_one_checksum_and_resumes(tmp_path):
     _flip_a_bit(ckpt)
     with pytest.raises(store.CheckpointError, match="does not match its checksum"):
         store.load_torch(ckpt)
+
+
+def test_a_checkpoint_save_killed_between_its_two_renames_stays_verifiable(tmp_path, monkeypatch):
+    """The checksum file is renamed first, the checkpoint second: a save killed in between (twice in a row
+    here) leaves the previous checkpoint, whose hash is still listed."""
+    ckpt = tmp_path / "ckpt" / "last.pt"
+    store.save_torch(ckpt, {"step": 1})
+    real = store.atomic_write_bytes
+
+    def killed(path, data):
+        if path == ckpt:
+            raise KeyboardInterrupt  # stands in for kill -9 after the checksum file was written
+        return real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", killed)
+    for step in (2, 3):
+        with pytest.raises(KeyboardInterrupt):
+            store.save_torch(ckpt, {"step": step})
+    monkeypatch.setattr(store, "atomic_write_bytes", real)
+    assert store.load_torch(ckpt) == {"step": 1}
+    store.save_torch(ckpt, {"step": 4})
+    assert store.load_torch(ckpt) == {"step": 4} and len(store.checksum_path(ckpt).read_text().split()) == 1
