@@ -270,15 +270,15 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
 
 def check_memory(mcls: Any, cfg: Any, data_spec: Any, method: str, dev: torch.device) -> None:
     """Refuse a config whose model cannot fit: parameters counted on the ``meta`` device (nothing allocated),
-    times 16 bytes (weights, gradients, two Adam moments, float32), against the memory of ``dev``."""
+    4 bytes each (float32 weights) and 12 more for a trainable one (its gradient and two Adam moments), against
+    the memory of ``dev``. Activations come on top, so this is a lower bound."""
     try:
         with torch.device("meta"):
-            n = sum(p.numel() for p in mcls(cfg.method, data_spec).parameters())
-    except (ValueError, TypeError):
-        return  # the real build below reports it
-    except Exception:  # noqa: BLE001 - a method that cannot be built on meta is not estimated
-        return
-    need = 16 * n
+            params = list(mcls(cfg.method, data_spec).parameters())
+        n = sum(p.numel() for p in params)
+        need = 4 * n + 12 * sum(p.numel() for p in params if p.requires_grad)
+    except Exception:  # noqa: BLE001 - a bad config is reported by the real build; a method that cannot be
+        return         # built on meta is not estimated
     if dev.type == "cuda":
         have, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev} has"
     else:
