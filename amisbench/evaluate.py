@@ -54,6 +54,19 @@ def _write_rows(path: Path, rows: list[list[Any]], done: int | None = None) -> N
     atomic_write_text(path, buf.getvalue())
 
 
+def _write_groups(path: Path, dataset: Any, n: int) -> None:
+    """``id,group`` of the first ``n`` images (the patient on LIDC): the statistics resample whole groups.
+    Datasets without ``ids``/``groups`` properties write nothing (the statistics then resample images)."""
+    ids, groups = getattr(dataset, "ids", None), getattr(dataset, "groups", None)
+    if ids is None or groups is None:
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "group"])
+    w.writerows(zip(ids[:n], groups[:n]))
+    atomic_write_text(path, buf.getvalue())
+
+
 def sample_items(method: torch.nn.Module, dataset: Any, indices: list[int], images: torch.Tensor, n: int, *,
                  generator: torch.Generator | None, ids: list[str] | None = None) -> torch.Tensor:
     """``method.sample`` of the dataset items ``indices`` (their images stacked on the device), with the
@@ -112,6 +125,7 @@ def evaluate(method: torch.nn.Module, dataset: Any, ecfg: EvalConfig, *, seed: i
         if progress is not None:
             progress(b + 1, n_batches)
     _write_rows(Path(out_dir) / "per_image.csv", rows)
+    _write_groups(Path(out_dir) / "groups.csv", dataset, n_total)
     partial.unlink(missing_ok=True)
     means: dict[str, list[float]] = {}
     for _, key, v in rows:

@@ -1,15 +1,20 @@
 """Figures 4-6 of the ATFM paper from our own runs, as PNG and PDF under ``results/figures/<dataset>/``.
 
-* ``samples`` (Fig. 4 / 5): for chosen test images, the image, every reader's mask and ``k`` samples of
-  each method (trained runs of one seed). Without ``--images``, the most ambiguous of the first 64 test
-  images are shown (largest mean pairwise 1 - IoU between readers).
+* ``samples`` (Fig. 4 / 5): for chosen test images, one row for the readers and one per method (display
+  names, ordered by the run's per-image GED on those images), each with ``k`` masks drawn over the image
+  (fill and contour) and their per-pixel mean and variance (readers' contours dashed); two columns wide
+  (``samples``) and one column wide (``samples_1col``). Without ``--images``, the most ambiguous of the
+  first 64 test images are shown (largest mean pairwise 1 - IoU between readers).
 * ``steps`` (Fig. 6b): GED_100 and HM-IoU_32 against the number of sampler steps, by re-evaluating the
   checkpoint of a trained run (every finished seed) with ``--set method.steps=<v>`` on the first
   ``--eval-images`` test images; the numbers go to ``steps.csv`` next to the plot and are reused on the
   next call (``--force`` recomputes).
 * ``alpha`` (Fig. 6c): GED_100 and HM-IoU_32 against ``method.alpha``, from finished runs that differ in it
   (found under ``results/runs`` and ``results/sweeps/*/runs``, e.g. made with
-  ``amisbench grid --method atfm --sweep method.alpha=0,1e-4,1e-3,5e-3``); mean ± std over seeds.
+  ``amisbench grid --method atfm --sweep method.alpha=0,1e-4,1e-3,5e-3``); mean ± std over distinct runs
+  (one per value and seed), with n at every point.
+
+``--kind all`` draws what the runs allow and says what it skipped and why.
 
 The figures read result folders and checkpoints only; plotting uses matplotlib's Agg backend with seaborn's
 theme.
@@ -44,8 +49,8 @@ def _title(metric: str) -> str:
 
 def _curve_keys(keys) -> list[str]:
     """The GED_n and HMIoU_n columns among ``keys`` (GED first)."""
-    ged = sorted(k for k in keys if k.startswith("GED_") and k[4:].isdigit())
-    hm = sorted(k for k in keys if k.startswith("HMIoU_"))
+    ged = sorted((k for k in keys if k.startswith("GED_") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+    hm = sorted((k for k in keys if k.startswith("HMIoU_") and k[6:].isdigit()), key=lambda k: int(k[6:]))
     return ged[-1:] + hm[-1:]
 
 
@@ -69,7 +74,7 @@ def _plt():
     return plt, sns
 
 
-def _save(fig, out: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
+def _save(fig, out: Path, stem: str, formats: tuple[str, ...], dpi: int = 150) -> list[Path]:
     import io
 
     from .store import atomic_write_bytes
@@ -77,7 +82,7 @@ def _save(fig, out: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
     paths = []
     for fmt in formats:
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
         p = out / f"{stem}.{fmt}"
         atomic_write_bytes(p, buf.getvalue())
         paths.append(p)
@@ -132,21 +137,147 @@ def pick_images(ds: Any, count: int, pool: int = 64) -> list[int]:
 # Fig. 4 / 5: samples
 # ----------------------------------------------------------------------------------------------------
 
+#: figure widths in inches: one column and two columns of a two-column paper (e.g. MICCAI/AAAI templates)
+WIDTHS = {"1col": 3.5, "2col": 7.0}
+
+
+def _per_image_metric(run_dir: Path | str, ids: list[str], metric: str | None = None) -> tuple[str | None, dict]:
+    """(metric, image id -> value) from a run's per_image.csv: ``metric``, or the largest GED_n there."""
+    import pandas as pd
+
+    path = Path(run_dir) / "per_image.csv"
+    if not path.is_file():
+        return None, {}
+    df = pd.read_csv(path, dtype={"id": str})
+    if metric is None:
+        metric = (_curve_keys(df["metric"].unique()) or [None])[0]
+    sel = df[(df["metric"] == metric) & df["id"].isin(ids)]
+    return metric, dict(zip(sel["id"], sel["value"].astype(float)))
+
+
+def _draw_mask(ax, image: np.ndarray, mask: np.ndarray, color, *, fill: bool = True, lw: float = 0.9) -> None:
+    """A mask over its image: translucent fill and its contour (nothing drawn for an empty mask)."""
+    from matplotlib.colors import ListedColormap
+
+    ax.imshow(image, cmap="gray", interpolation="nearest")
+    if not mask.any():
+        ax.text(0.5, 0.93, "empty", transform=ax.transAxes, ha="center", va="top", fontsize=5, color="white")
+        return
+    if fill:
+        ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([color]), alpha=0.35, interpolation="nearest")
+    ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=lw)
+
+
+def _draw_map(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmax: float, readers: np.ndarray | None):
+    """A per-pixel map (mean or variance of the samples) over the image, with the readers' contours."""
+    ax.imshow(image, cmap="gray", interpolation="nearest")
+    im = ax.imshow(np.ma.masked_where(values <= 0, values), cmap=cmap, vmin=0, vmax=vmax, alpha=0.85,
+                   interpolation="nearest")
+    if readers is not None:
+        for m in readers:
+            if m.any():
+                ax.contour(m.astype(float), levels=[0.5], colors=["white"], linewidths=0.5, linestyles="dashed")
+    return im
+
+
+def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]], images: list[np.ndarray],
+                    readers: list[np.ndarray], heads: list[str], k: int, width: float, title: str):
+    """The grid: one row per method (readers first), per image ``k`` sample panels, the mean and variance.
+
+    Geometry in inches: row names on the left, the title, image headers and column titles on top, the two
+    colour bars below; panels are square and fill the rest of ``width``.
+    """
+    per = k + 2
+    ncols = per * len(images)
+    left, top, bottom, gap = 0.62, 0.5, 0.38, 0.1  # inches; gap between the images' blocks
+    cell = (width - left - 0.05 - gap * (len(images) - 1)) / ncols
+    height = top + cell * len(rows) + bottom
+    fig = plt.figure(figsize=(width, height))
+    pal = sns.color_palette("colorblind", len(rows))
+    font = 6.0 if width < 5 else 7.0
+    mean_im = var_im = None
+
+    def axes_at(r: int, b: int, j: int):
+        x = left + b * (per * cell + gap) + j * cell
+        y = height - top - (r + 1) * cell
+        pad = 0.02 * cell
+        return fig.add_axes([(x + pad) / width, (y + pad) / height, (cell - 2 * pad) / width, (cell - 2 * pad) / height])
+
+    for r, (name, draws, notes) in enumerate(rows):
+        for b, (image, masks, truth) in enumerate(zip(images, draws, readers)):
+            for j in range(per):
+                ax = axes_at(r, b, j)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_linewidth(0.3)
+                if j < k:
+                    if j < len(masks):
+                        _draw_mask(ax, image, masks[j], pal[r])
+                    else:
+                        ax.set_axis_off()
+                elif j == k:
+                    mean_im = _draw_map(ax, image, masks.mean(0), "viridis", 1.0, None if r == 0 else truth)
+                else:
+                    p = masks.mean(0)
+                    var_im = _draw_map(ax, image, p * (1 - p), "magma", 0.25, None if r == 0 else truth)
+                if r == 0:
+                    ax.set_title(str(j + 1) if j < k else ("mean" if j == k else "var."), fontsize=font - 1, pad=1.5)
+                if j == 0 and b == 0:
+                    ax.set_ylabel(name, fontsize=font, rotation=0, ha="right", va="center", labelpad=2)
+                if j == 0 and notes[b]:
+                    ax.text(0.04, 0.04, notes[b], transform=ax.transAxes, fontsize=font - 1.5, color="white",
+                            va="bottom", ha="left", bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.6, "lw": 0})
+            if r == 0:
+                x = left + b * (per * cell + gap) + per * cell / 2
+                fig.text(x / width, (height - top + 0.17) / height, heads[b], ha="center", va="bottom",
+                         fontsize=font - 0.5)
+    for im, label, x0 in ((mean_im, "mean of the masks", 0.1), (var_im, "per-pixel variance p(1-p)", 0.55)):
+        if im is not None:
+            cax = fig.add_axes([x0, 0.2 / height, 0.35, 0.06 / height])
+            cb = fig.colorbar(im, cax=cax, orientation="horizontal")
+            cb.ax.tick_params(labelsize=font - 1.5, length=1.5, pad=1)
+            cb.set_label(label, fontsize=font - 1, labelpad=1)
+    import textwrap
+
+    title = textwrap.fill(title, int(width * 19))  # within the figure's width: bbox "tight" would widen it
+    top_extra = 0.1 * title.count("\n")
+    fig.set_figheight(height + top_extra)
+    for ax in fig.axes:  # keep the panels where they were, measured from the bottom
+        pos = ax.get_position()
+        ax.set_position([pos.x0, pos.y0 * height / (height + top_extra), pos.width,
+                         pos.height * height / (height + top_extra)])
+    for txt in fig.texts:
+        x, y = txt.get_position()
+        txt.set_position((x, y * height / (height + top_extra)))
+    fig.text(0.5, (height + top_extra - 0.04) / (height + top_extra), title, ha="center", va="top", fontsize=font)
+    return fig
+
+
 def samples_figure(results: Path | str, dataset: str, methods: list[str], *, profile: str | None = None,
-                   seed: int = 0, images: list[int] | None = None, n_images: int = 4, k: int = 6,
+                   seed: int = 0, images: list[int] | None = None, n_images: int = 2, k: int = 4,
                    device: str = "cpu", protocol: str | None = None, out: Path | None = None,
                    formats: tuple[str, ...] = ("png", "pdf")) -> Figure:
-    """Image, readers' masks and ``k`` samples per method for each chosen test image (Fig. 4/5 style)."""
+    """Samples of each method over the test image (Fig. 4/5 style), sized for a paper.
+
+    Rows: the readers, then the methods (display names) in order of their mean per-image GED on the shown
+    images (from the run's per_image.csv; best first). Per image: ``k`` samples (readers in the first row)
+    as translucent masks with their contours over the image, then the per-pixel mean and variance of the
+    ``k`` samples (first row: of all readers), with the readers' contours dashed. ``samples.png/.pdf`` is two columns wide (7 in, every image), ``samples_1col.png/.pdf`` one
+    column (3.5 in, the first image).
+    """
+    from .display import display_name
     from .runner import load_trained, pick_device
     from .seeding import generator
 
     plt, sns = _plt()
     dev = pick_device(device)
-    models, ds = [], None
+    models, ds, run_dirs = [], None, {}
     for m in methods:
         runs = _finished(results, dataset, m, profile, protocol, [seed])
         model, eval_ds, res = load_trained(runs.run_dir[0], device)
         models.append((m, model))
+        run_dirs[m] = runs.run_dir[0]
         if ds is None:
             ds = eval_ds
             profile = profile or res.profile
@@ -154,55 +285,46 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     bad = [i for i in idx if not 0 <= i < len(ds)]
     if bad:
         raise UserError(f"--images {','.join(map(str, bad))}: the {dataset} test split has {len(ds)} images")
-    readers = int(ds[idx[0]]["masks"].shape[0])
-    data = {"images": idx, "readers": readers, "methods": {}}
-    grids: dict[str, list[np.ndarray]] = {}
+    items = [ds[i] for i in idx]
+    ids = [str(it["id"]) for it in items]
+    readers = int(items[0]["masks"].shape[0])
+    data: dict[str, Any] = {"images": idx, "readers": readers, "methods": {}, "order": [], "metric": None}
     for m, model in models:
-        grids[m] = []
-        for i in idx:
-            x = ds[i]["image"][None].to(dev)
+        draws = []
+        for i, item in zip(idx, items):
+            x = item["image"][None].to(dev)
             s = sample_items(model, ds, [i], x, k, generator=generator(dev, "figure", seed, i))
-            grids[m].append(s[0].cpu().numpy())
-        data["methods"][m] = grids[m]
-    # columns: image | readers | spacer | method 1 samples | spacer | method 2 ...
-    widths = [1.0] + [1.0] * readers
-    groups = [("image", 0, 1), ("readers", 1, 1 + readers)]
+            draws.append(s[0].cpu().numpy())
+        data["methods"][m] = draws
+    score = {}
     for m in methods:
-        widths.append(0.15)
-        start = len(widths)
-        widths += [1.0] * k
-        groups.append((m, start, start + k))
-    pal = sns.color_palette("colorblind", len(methods) + 1)
-    from matplotlib.colors import ListedColormap
+        metric, vals = _per_image_metric(run_dirs[m], ids)
+        data["metric"] = data["metric"] or metric
+        score[m] = (float(np.mean([vals[i] for i in ids])) if vals and all(i in vals for i in ids) else float("inf"),
+                    {i: vals.get(i) for i in ids})
+    order = sorted(methods, key=lambda m: (score[m][0], methods.index(m)))
+    data["order"] = order
+    metric = data["metric"]
+    pics = [_image_rgb(it["image"]) for it in items]
+    truth = [it["masks"].numpy().astype(bool) for it in items]
+    heads = [f"{i}, readers disagree {reader_disagreement(it['masks']):.2f}" for i, it in zip(ids, items)]
 
-    fig, axes = plt.subplots(len(idx), len(widths), figsize=(0.95 * sum(widths), 1.0 * len(idx) + 0.5),
-                             gridspec_kw={"width_ratios": widths, "wspace": 0.04, "hspace": 0.06}, squeeze=False)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    reader_cmap = ListedColormap([(0.08, 0.08, 0.1), pal[0]])
-    for r, i in enumerate(idx):
-        item = ds[i]
-        ax = axes[r, 0]
-        ax.imshow(_image_rgb(item["image"]), cmap="gray", interpolation="nearest")
-        ax.text(-0.08, 0.5, f"#{i}", transform=ax.transAxes, ha="right", va="center", fontsize=8)
-        for a in range(readers):
-            axes[r, 1 + a].imshow(item["masks"][a].numpy(), cmap=reader_cmap, vmin=0, vmax=1,
-                                  interpolation="nearest")
-        for g, (m, start, end) in enumerate(groups[2:]):
-            cmap = ListedColormap([(0.08, 0.08, 0.1), pal[g + 1]])
-            for j in range(k):
-                axes[r, start + j].imshow(grids[m][r][j], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    for name, start, end in groups:
-        left = axes[0, start].get_position()
-        right = axes[0, end - 1].get_position()
-        fig.text((left.x0 + right.x1) / 2, left.y1 + 0.01, name, ha="center", va="bottom", fontsize=10,
-                 weight="bold")
-    top = axes[0, 0].get_position().y1
-    fig.suptitle(f"{dataset}: test images, the readers' masks and {k} samples per method "
-                 f"(profile {profile}, seed {seed})", y=top + 0.3 / fig.get_figheight(), va="bottom", fontsize=10)
+    def rows_for(n: int) -> list[tuple[str, list[np.ndarray], list[str]]]:
+        out_rows = [("readers", truth[:n], [""] * n)]
+        for m in order:
+            notes = [f"{score[m][1][i]:.2f}" if metric and score[m][1][i] is not None else "" for i in ids[:n]]
+            out_rows.append((display_name(m), data["methods"][m][:n], notes))
+        return out_rows
+
     out = Path(out) if out is not None else Path(results) / FIGURES / dataset
-    paths = _save(fig, out, "samples", formats)
-    plt.close(fig)
+    paths = []
+    where = f"{dataset}, profile {profile}, seed {seed}"
+    for stem, layout, n in (("samples", "2col", len(idx)), ("samples_1col", "1col", 1)):
+        fig = _samples_layout(plt, sns, rows_for(n), pics[:n], truth[:n], heads[:n], k, WIDTHS[layout],
+                              f"{where}: {k} samples per method; rows by per-image {metric or '?'} "
+                              "(in the corner), best first; dashed: readers")
+        paths += _save(fig, out, stem, formats, dpi=300)
+        plt.close(fig)
     return Figure(paths, data)
 
 
@@ -236,10 +358,14 @@ def _curve_plot(df: pd.DataFrame, x: str, xlabel: str, title: str, out: Path, st
     metrics = _curve_keys(df["metric"].unique())
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.3), squeeze=False)
     pal = sns.color_palette("colorblind", len(metrics))
+    counts = set()
     for ax, m, color in zip(axes[0], metrics, pal):
-        g = df[df["metric"] == m].groupby(x)["value"]
-        agg = g.agg(["mean", "count"]).join(g.std(ddof=1).rename("std")).reset_index().sort_values(x)
+        agg = curve_points(df[df["metric"] == m], x)
+        counts |= set(agg["n"])
         ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), marker="o", color=color, capsize=3, lw=1.8)
+        for xv, yv, n in zip(agg[x], agg["mean"], agg["n"]):
+            ax.annotate(f"n={n}", (xv, yv), textcoords="offset points", xytext=(5, -11), ha="left", fontsize=7,
+                        color="0.3")
         ax.set_xlabel(xlabel)
         ax.set_title(_title(m))
         if xscale == "symlog":
@@ -252,12 +378,23 @@ def _curve_plot(df: pd.DataFrame, x: str, xlabel: str, title: str, out: Path, st
         if mark is not None:
             ax.axvline(mark, ls="--", color="0.4", lw=1)
             ax.text(mark, ax.get_ylim()[1], f" {mark_label}", va="top", ha="left", fontsize=8, color="0.3")
-    n_seeds = df.groupby(x)["seed"].nunique().max()
-    fig.suptitle(f"{title} (mean ± std over {n_seeds} seed(s))" if n_seeds > 1 else title, fontsize=10)
+    lo, hi = min(counts, default=0), max(counts, default=0)
+    runs = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    spread = "mean ± std (ddof=1) over" if hi > 1 else "one run per point, no spread:"
+    fig.suptitle(f"{title}\n{spread} n = {runs} distinct run(s) per point", fontsize=10)
     fig.tight_layout()
     paths = _save(fig, out, stem, formats)
     plt.close(fig)
     return paths
+
+
+def curve_points(df: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Per value of ``x``: mean, std (ddof = 1) and n of the values of distinct runs (one value per run;
+    ``run_dir`` names the run)."""
+    one = df.drop_duplicates(["run_dir", x])
+    g = one.groupby(x)["value"]
+    return g.agg(["mean", "count"]).join(g.std(ddof=1).rename("std")).rename(columns={"count": "n"}) \
+        .reset_index().sort_values(x)
 
 
 def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", values: list[int] | None = None,
@@ -282,7 +419,7 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     rows = [r for r in old.to_dict("records")]
     have = {(r["run_dir"], r["param"], float(r["value"]), int(r["eval_images"]), int(r["samples"]))
             for r in rows}
-    configured = None
+    configured, used = None, eval_images
     for run in runs.itertuples():
         need = [v for v in values if (run.run_dir, param, float(v), eval_images, samples) not in have]
         model, ds, res = load_trained(run.run_dir, device)
@@ -291,6 +428,7 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
         if configured is None and need:
             raise UserError(f"--param {param}: {method}'s config has no such setting")
         idx = list(range(min(eval_images, len(ds))))
+        used = len(idx)
         for v in need:
             m = with_settings(model, res, [f"{param}={v}"], dev)
             print(f"amisbench figures: {method} seed {run.seed}: {param}={v} on {len(idx)} images",
@@ -309,7 +447,7 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     plot = df.rename(columns={"value": "x", "value_m": "value"})
     name = param.split(".")[-1]
     paths = _curve_plot(plot, "x", f"sampler {name} ({param})",
-                        f"{method} on {dataset}: metrics vs. {name}, {eval_images} test images x {samples} samples",
+                        f"{method} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples",
                         out, "steps", formats, xscale="log", mark=float(configured) if configured else None,
                         mark_label=f"run's setting ({configured})" if configured else "")
     return Figure([*paths, cache], plot)
@@ -358,6 +496,10 @@ def alpha_table(results: Path | str, dataset: str, *, method: str = "atfm", para
     df = df.assign(x=df["run_dir"].map(xs))
     df = df[df["x"].notna()]
     df = df.assign(x=df["x"].astype(float))
+    # The default value's runs also sit in its sweep folder when the sweep includes it (the same
+    # configuration and seed trained twice): one run per (value, seed), the first folder's, or seed 0
+    # would count twice.
+    df = df.drop_duplicates(["x", "seed", "metric"], keep="first")
     return df[["x", "seed", "metric", "value", "run_dir", "profile"]].reset_index(drop=True)
 
 
@@ -409,8 +551,8 @@ def configure_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="samples: seed of the runs (default 0)")
     p.add_argument("--images", default=None, help="samples: test image indices, e.g. 0,5,9 (default: the most "
                    "ambiguous)")
-    p.add_argument("--n-images", type=int, default=4, help="samples: how many images without --images")
-    p.add_argument("--k", type=int, default=6, help="samples: samples per method and image (default 6)")
+    p.add_argument("--n-images", type=int, default=2, help="samples: how many images without --images (default 2)")
+    p.add_argument("--k", type=int, default=4, help="samples: samples per method and image (default 4)")
     p.add_argument("--values", default=None, help="steps: values of --param (default 1,5,10,25,50)")
     p.add_argument("--param", default=None, help="steps: sampler setting to vary (default method.steps); "
                    "alpha: config value of the runs (default method.alpha)")
@@ -430,7 +572,6 @@ def _ints(s: str, what: str) -> list[int]:
 
 
 def command(a) -> int:
-    from .results import scan
     from .runner import default_results
 
     results = a.results or default_results()
@@ -440,30 +581,46 @@ def command(a) -> int:
         check_output_dir(a.out, "--out")
     kinds = KINDS if a.kind == "all" else (a.kind,)
     made: list[Path] = []
+    skipped: list[str] = []
     for kind in kinds:
-        if kind == "samples":
-            if a.method:
-                methods = [m.strip() for m in a.method.split(",") if m.strip()]
-            else:
-                df, _ = scan(results)
-                df = df[(df["dataset"] == a.dataset) & (df["seed"] == a.seed)]
-                if a.profile:
-                    df = df[df["profile"] == a.profile]
-                methods = sorted(df["label"].unique())
-                if not methods:
-                    raise UserError(f"no finished runs on {a.dataset} under {Path(results) / 'runs'}")
-            fig = samples_figure(results, a.dataset, methods, profile=a.profile, seed=a.seed,
-                                 images=_ints(a.images, "--images") if a.images else None, n_images=a.n_images,
-                                 k=a.k, device=a.device, protocol=a.protocol, out=a.out)
-        elif kind == "steps":
-            fig = steps_figure(results, a.dataset, method=a.method or "atfm",
-                               values=_ints(a.values, "--values") if a.values else None,
-                               param=a.param or "method.steps", profile=a.profile, eval_images=a.eval_images,
-                               samples=a.samples, device=a.device, protocol=a.protocol, out=a.out, force=a.force)
-        else:
-            fig = alpha_figure(results, a.dataset, method=a.method or "atfm", param=a.param or "method.alpha",
-                               profile=a.profile, protocol=a.protocol, out=a.out)
-        made += fig.paths
+        try:
+            made += _one_kind(kind, a, results)
+        except UserError as e:
+            if a.kind != "all":
+                raise
+            skipped.append(f"{kind}: {e}")
+            print(f"amisbench figures: skipped {kind}: {e}", file=sys.stderr)
+    if not made:
+        raise UserError("no figure written (" + "; ".join(skipped) + ")")
     for p in made:
         print(p)
     return 0
+
+
+def _one_kind(kind: str, a, results: Path) -> list[Path]:
+    """The files of one figure kind (UserError when its runs are missing)."""
+    from .results import scan
+
+    if kind == "samples":
+        if a.method:
+            methods = [m.strip() for m in a.method.split(",") if m.strip()]
+        else:
+            df, _ = scan(results)
+            df = df[(df["dataset"] == a.dataset) & (df["seed"] == a.seed)]
+            if a.profile:
+                df = df[df["profile"] == a.profile]
+            methods = sorted(df["label"].unique())
+            if not methods:
+                raise UserError(f"no finished runs on {a.dataset} under {Path(results) / 'runs'}")
+        fig = samples_figure(results, a.dataset, methods, profile=a.profile, seed=a.seed,
+                             images=_ints(a.images, "--images") if a.images else None, n_images=a.n_images,
+                             k=a.k, device=a.device, protocol=a.protocol, out=a.out)
+    elif kind == "steps":
+        fig = steps_figure(results, a.dataset, method=a.method or "atfm",
+                           values=_ints(a.values, "--values") if a.values else None,
+                           param=a.param or "method.steps", profile=a.profile, eval_images=a.eval_images,
+                           samples=a.samples, device=a.device, protocol=a.protocol, out=a.out, force=a.force)
+    else:
+        fig = alpha_figure(results, a.dataset, method=a.method or "atfm", param=a.param or "method.alpha",
+                           profile=a.profile, protocol=a.protocol, out=a.out)
+    return fig.paths

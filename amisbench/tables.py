@@ -59,6 +59,8 @@ class Table:
         compare_kind: column -> "diff" (ours - paper) or "ratio" (ours / paper).
         spread: "std" (mean ± std) or "iqr" (median with the interquartile range).
         count_label: what n counts ("seeds" or "images").
+        marks: (row, column) -> a mark after our number (e.g. "†": worse than the best row, see
+            :mod:`amisbench.stats`).
     """
 
     title: str
@@ -78,6 +80,7 @@ class Table:
     col_decimals: dict[str, int] = field(default_factory=dict)
     spread: str = "std"
     count_label: str = "seeds"
+    marks: dict[tuple[str, str], str] = field(default_factory=dict)
 
     # -- questions ------------------------------------------------------------------------------------
     def direction(self, col: str) -> bool | None:
@@ -116,9 +119,10 @@ class Table:
         mean, spread, n = self.cells[(row, col)]
         d = self.dec(col)
         sd = "n/a" if math.isnan(spread) else f"{spread:.{d}f}"
+        mark = self.marks.get((row, col), "")
         if self.spread == "iqr":
-            return f"{mean:.{d}f} (IQR {sd}" + (f", n={n})" if with_n else ")")
-        return f"{mean:.{d}f} ± {sd}" + (f" (n={n})" if with_n else "")
+            return f"{mean:.{d}f}{mark} (IQR {sd}" + (f", n={n})" if with_n else ")")
+        return f"{mean:.{d}f}{mark} ± {sd}" + (f" (n={n})" if with_n else "")
 
     def ours_text(self, row: str, col: str) -> str:
         """Our value: "mean ± std (n=k)", a text cell, "not run" or "–"."""
@@ -605,7 +609,7 @@ def to_markdown(t: Table) -> str:
 _TEX_CHARS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
               "±": r"$\pm$", "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "–": "--",
-              "Δ": r"$\Delta$"}
+              "Δ": r"$\Delta$", "†": r"$^\dagger$"}
 
 
 def _tex(s: str) -> str:
@@ -617,7 +621,7 @@ def _tex_ours(t: Table, r: str, c: str, bold: bool) -> str:
         mean, spread, n = t.cells[(r, c)]
         d = t.dec(c)
         m = f"{mean:.{d}f}"
-        m = r"\textbf{" + m + "}" if bold else m
+        m = (r"\textbf{" + m + "}" if bold else m) + _tex(t.marks.get((r, c), ""))
         sd = "n/a" if math.isnan(spread) else f"{spread:.{d}f}"
         if t.spread == "iqr":
             return f"{m} {{\\scriptsize (IQR {sd}, $n$={n})}}"
@@ -680,6 +684,14 @@ def to_csv(t: Table) -> str:
     return pd.DataFrame(recs).to_csv(index=False)
 
 
+def with_stats(t: Table, results: Path | str, dataset: str, profile: str | None, protocol: str | None) -> Table:
+    """``t`` with the rows that are significantly worse than each column's best marked (:mod:`amisbench.stats`)."""
+    from .stats import mark_table, row_values
+
+    mark_table(t, row_values(results, dataset, profile, protocol))
+    return t
+
+
 FORMATS = {"md": to_markdown, "latex": to_latex, "csv": to_csv}
 
 
@@ -692,6 +704,7 @@ CLI_HELP = "print a table of finished runs, or Table 1-4 of the paper next to it
 
 def configure_parser(p) -> None:
     from .cli import add_results_option
+    from .reference import add_hide_option
 
     p.add_argument("--table", default=None, help="a table of configs/tables.yaml: 1 (LIDC), 2 (ISIC3), "
                    "3 (inference time), 4 (ATFM ablation)")
@@ -705,11 +718,13 @@ def configure_parser(p) -> None:
                    help="with --table: ours, the paper's number and the difference side by side")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     add_results_option(p)
+    add_hide_option(p)
 
 
 def command(a) -> int:
     import sys
 
+    from .reference import with_reference
     from .runner import default_results
     from .store import atomic_write_text, check_output_file
 
@@ -717,13 +732,18 @@ def command(a) -> int:
     if a.out is not None:  # before any work or output: a folder or a read-only place is refused here
         check_output_file(a.out, "--out")
     if a.table is not None:
-        t = build_table(a.table, results, a.dataset, a.profile, a.protocol, a.compare_paper, a.device)
+        def make(folder):
+            return build_table(a.table, folder, a.dataset, a.profile, a.protocol, a.compare_paper, a.device)
     else:
         if a.dataset is None:
             raise UserError("give --dataset D (every run of D) or --table N (a table of the paper)")
         if a.compare_paper:
             raise UserError("--compare-paper needs --table N (the paper's numbers belong to its tables)")
-        t = build(results, a.dataset, a.profile, protocol=a.protocol)
+
+        def make(folder):
+            return with_stats(build(folder, a.dataset, a.profile, protocol=a.protocol), folder, a.dataset,
+                              a.profile, a.protocol)
+    t = with_reference(make, results, a.no_reference)
     text = FORMATS[a.format](t)
     sys.stdout.write(text)
     if a.out is not None:

@@ -110,6 +110,11 @@ class Synthetic:
     def ids(self) -> list[str]:
         return [f"syn-{i:06d}" for i in self.global_indices]
 
+    @property
+    def groups(self) -> list[str]:
+        """Group (the lesion shared by a group's slices) of each image, in order."""
+        return [self.group_of(gi) for gi in self.global_indices]
+
     def group_of(self, gi: int) -> str:
         return f"grp-{gi // self.cfg.images_per_group:05d}"
 

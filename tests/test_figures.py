@@ -61,15 +61,33 @@ def _png(path):
 
 def test_samples_grid_images_readers_and_k_samples_per_method(runs):
     fig = figures.samples_figure(runs, "synthetic", ["ssn", "stepsfake"], images=[3, 0], k=3)
-    png, pdf = fig.paths
-    assert png.name == "samples.png" and pdf.name == "samples.pdf" and pdf.read_bytes()[:4] == b"%PDF"
-    img = _png(png)
+    png, pdf, png1, pdf1 = fig.paths
+    assert [p.name for p in fig.paths] == ["samples.png", "samples.pdf", "samples_1col.png", "samples_1col.pdf"]
+    assert pdf.read_bytes()[:4] == pdf1.read_bytes()[:4] == b"%PDF"
+    img, one = _png(png), _png(png1)
     assert img.shape[1] > img.shape[0] > 200 and img[..., :3].std() > 0.1  # drawn, not blank
+    # sized for a two-column page (7 in) and one column (3.5 in) at 300 dpi; bbox "tight" trims a little
+    assert 6.3 * 300 < img.shape[1] < 7.3 * 300 and 3.0 * 300 < one.shape[1] < 3.7 * 300
     assert fig.data["images"] == [3, 0] and fig.data["readers"] == 4
     for m in ("ssn", "stepsfake"):
         assert [a.shape for a in fig.data["methods"][m]] == [(3, 32, 32)] * 2  # smoke: 32 px
     assert all(a.all() for a in fig.data["methods"]["stepsfake"])  # its samples at 25 steps: full masks
     assert png.parent == runs / "figures" / "synthetic"
+    # rows in order of the runs' own per-image GED_100 on the shown images (best first)
+    _, ds, _ = load_trained(runs / "runs/synthetic/ssn/smoke/seed-0")
+    ids = [ds[i]["id"] for i in (3, 0)]
+    mean_ged = {}
+    for m in ("ssn", "stepsfake"):
+        per = pd.read_csv(runs / f"runs/synthetic/{m}/smoke/seed-0/per_image.csv")
+        mean_ged[m] = per[(per["metric"] == "GED_100") & per["id"].isin(ids)]["value"].mean()
+    assert fig.data["metric"] == "GED_100" and fig.data["order"] == sorted(mean_ged, key=mean_ged.get)
+
+
+def test_display_names_come_from_the_table_definitions():
+    from amisbench.display import display_name
+
+    assert display_name("prob_unet") == "Prob. U-Net" and display_name("analog_bits") == "AB"
+    assert display_name("atfm-act_gtr") == "ATFM (act_gtr)" and display_name("unknown_x") == "unknown_x"
 
 
 def test_most_ambiguous_images_are_picked():
@@ -107,6 +125,34 @@ def _alpha_run(root, alpha, seed, g100, hm):
     (d / "config.yaml").write_text(yaml.safe_dump({"method": {"alpha": alpha, "steps": 5}}))
     (d / "run.json").write_text(json.dumps({"status": "done", "method": "atfm", "variant": None,
                                             "dataset": "synthetic", "profile": "quick", "seed": seed}))
+
+
+def test_alpha_curve_counts_a_run_found_in_two_folders_once(tmp_path):
+    # the sweep over alpha includes the default value: the same configuration and seed also sits in the
+    # sweep's folder; seed 0 must count once (the bug: 0.001 pooled 0.559, 0.350 and 0.559 again)
+    _alpha_run(tmp_path, 0.001, 0, 0.559, 0.60)
+    _alpha_run(tmp_path, 0.001, 1, 0.350, 0.62)
+    _alpha_run(tmp_path / "sweeps" / "method.alpha=0.001", 0.001, 0, 0.559, 0.60)
+    _alpha_run(tmp_path / "sweeps" / "method.alpha=0", 0.0, 0, 0.30, 0.50)
+    df = figures.alpha_figure(tmp_path, "synthetic").data
+    ged = df[(df["metric"] == "GED_100") & (df["x"] == 0.001)]["value"]
+    assert sorted(ged) == [0.350, 0.559]
+    points = figures.curve_points(df[df["metric"] == "GED_100"], "x").set_index("x")
+    assert points.loc[0.001, "n"] == 2 and points.loc[0.001, "mean"] == pytest.approx((0.559 + 0.350) / 2)
+    assert points.loc[0.0, "n"] == 1 and np.isnan(points.loc[0.0, "std"])
+
+
+def test_figures_all_writes_what_it_can_and_says_what_it_skipped(runs, tmp_path, capsys):
+    args = ["figures", "--dataset", "synthetic", "--kind", "all", "--results", str(runs), "--method", "stepsfake",
+            "--values", "1,10", "--eval-images", "2", "--samples", "10", "--k", "2", "--out", str(tmp_path / "f")]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    names = sorted(p.rsplit("/", 1)[1] for p in out.split())
+    assert names == ["samples.pdf", "samples.png", "samples_1col.pdf", "samples_1col.png", "steps.csv", "steps.pdf",
+                     "steps.png"]
+    assert "skipped alpha:" in err and "at least two values of method.alpha" in err
+    assert cli.main(["figures", "--dataset", "synthetic", "--kind", "all", "--results", str(tmp_path / "none")]) == 2
+    assert "no figure written" in capsys.readouterr().err
 
 
 def test_alpha_curve_from_runs_that_differ_in_alpha(tmp_path, capsys):
