@@ -147,11 +147,11 @@ def _header(metric: str, hib: bool | None) -> str:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem auto;max-width:1200px;
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem auto;max-width:1400px;
 color:#1d1d1f;padding:0 1rem;line-height:1.45}
 h1{font-size:1.6rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}h3{margin-top:1.6rem}
 table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem}
-th,td{border-bottom:1px solid #e3e3e3;padding:.3rem .55rem;text-align:right;vertical-align:top}
+th,td{border-bottom:1px solid #e3e3e3;padding:.3rem .45rem;text-align:right;vertical-align:top}
 th{background:#f4f5f7;position:sticky;top:0}th.sortable{cursor:pointer}
 td.name,th.name{text-align:left;white-space:nowrap}
 tr.reference td.name::after{content:" reference";font-size:.72rem;color:#fff;background:#6c7a89;
@@ -161,10 +161,15 @@ td.best{font-weight:700;background:#eaf6ea}.v,.ci{white-space:nowrap}
 .worse{color:#b3261e}.badge{display:inline-block;border-radius:4px;padding:.05rem .45rem;font-size:.8rem}
 .leaky{background:#fde7e5;color:#8c1d18;border:1px solid #e7a29c}.ok{background:#e8f1fb;color:#1b4f8a}
 .note{color:#555;font-size:.85rem;margin:.2rem 0}figure{margin:1rem 0}
-figure img{max-width:100%;border:1px solid #ddd;background:#fff}figcaption{color:#555;font-size:.85rem}
+figure img{max-width:100%;border:1px solid #ddd;background:#fff}figure img.narrow{max-width:min(100%,520px)}
+.wide{overflow-x:auto}.wide td{white-space:nowrap}figcaption{color:#555;font-size:.85rem}
 code{background:#f4f5f7;padding:0 .25rem;border-radius:3px;font-size:.82rem}
 details{margin:.5rem 0}summary{cursor:pointer;font-weight:600}nav a{margin-right:.8rem}
 """
+
+# Collects script and resource errors for the browser test (``index.html#selftest`` prints a JSON summary).
+HEAD_SCRIPT = """window.pageErrors=[];window.addEventListener('error',function(e){
+window.pageErrors.push(String(e.message||(e.target&&(e.target.src||e.target.href))||'error'));},true);"""
 
 # Sorting is a convenience: without JavaScript the rows stay in their printed order (best first).
 SCRIPT = """
@@ -181,7 +186,7 @@ document.querySelectorAll('table.sortable').forEach(function(t){
       rows.forEach(function(r){body.appendChild(r);});th.dataset.dir=asc?'asc':'desc';});});});
 if(location.hash==='#selftest'){window.addEventListener('load',function(){
   var imgs=Array.prototype.slice.call(document.images);
-  var out={rows:document.querySelectorAll('table.leaderboard tbody tr').length,images:imgs.length,
+  var out={rows:document.querySelectorAll('table.leaderboard tbody tr').length,images:imgs.length,errors:window.pageErrors||[],
     broken:imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).map(function(i){return i.getAttribute('src');})};
   var pre=document.createElement('pre');pre.id='selftest';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);});}
 """
@@ -194,7 +199,8 @@ def board_html(b: Board) -> str:
 
     direction = Table("", [], [], {}).direction
     parts = []
-    flag = (f'<span class="badge leaky">leaky protocol: {esc(b.protocol_label)}</span>' if b.protocol_label
+    label = b.protocol_label if "leaky" in b.protocol_label.lower() else f"leaky protocol: {b.protocol_label}"
+    flag = (f'<span class="badge leaky">⚠ {esc(label)}</span>' if b.protocol_label
             else f'<span class="badge ok">protocol: {esc(b.protocol or "default")}</span>')
     parts.append(f"<h3>{esc(b.dataset)}, profile {esc(b.profile)} {flag}</h3>")
     competing = [r for r in b.rows if not is_calibration(b.label[r])]
@@ -222,43 +228,50 @@ def board_html(b: Board) -> str:
                 s = b.stats.get((r, m))
                 mark = f' <span class="worse" title="Holm-adjusted p = {s.p_holm:.3g}">{WORSE_MARK}</span>' \
                     if s is not None and s.worse else ""
-                ci = f'<span class="ci">95% CI [{_num(s.low)}, {_num(s.high)}]</span>' if s is not None else ""
+                ci = f'<span class="ci">[{_num(s.low)}, {_num(s.high)}]</span>' if s is not None else ""
                 best = ' class="best"' if s is not None and s.best else ""
                 cells.append(f'<td{best} data-v="{mean!r}"><span class="v">{_num(mean)} ± {_num(std)}{mark}</span>'
                              f'{ci}</td>')
             body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
-        parts.append('<table class="sortable leaderboard"><thead><tr>' + "".join(head) + "</tr></thead><tbody>"
-                     + "".join(body) + "</tbody></table>")
-    parts.append(f'<p class="note">mean ± std (ddof = 1) over seeds of the per-seed means; green: best row of '
-                 f'the column (calibration rows excluded); {esc(PROCEDURE)}. Rows in order of {esc(b.primary)} '
+        parts.append('<div class="wide"><table class="sortable leaderboard"><thead><tr>' + "".join(head)
+                     + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
+    parts.append(f'<p class="note">mean ± std (ddof = 1) over seeds of the per-seed means, [95 % CI] below; '
+                 f'green: best row of the column (calibration rows excluded); {esc(PROCEDURE)}. Rows in order of {esc(b.primary)} '
                  f'(click a header to sort).</p>' if b.metrics else "")
     return "\n".join(parts)
 
 
 def table_html(t: Table) -> str:
-    """Any :class:`~amisbench.tables.Table` (paper comparison, Table 3) as an HTML table with its notes."""
-    compare = t.compare and t.has_paper()
-    head = ['<th class="name">method</th>']
-    for c in t.columns:
-        title = esc(t.headers.get(c, c)) + _header("", t.direction(c))
-        head += [f"<th>{title} ours</th>", "<th>paper</th>", "<th>Δ</th>"] if compare else [f"<th>{title}</th>"]
+    """Any :class:`~amisbench.tables.Table` (paper comparison, Table 3) as an HTML table with its notes.
+
+    Compact: one column per metric, our value on top and the paper's number with the difference below; a
+    row without runs says why once, under its name.
+    """
+    from .reference import is_reference_row
+
+    head = ['<th class="name">method</th>'] + [f"<th>{esc(t.headers.get(c, c))}{_header('', t.direction(c))}</th>"
+                                              for c in t.columns]
     best = {c: t.best(c) for c in t.columns}
     body = []
     for r in t.rows:
-        from .reference import is_reference_row
-
         cls = ' class="reference"' if is_reference_row(r) else ""
-        cells = [f'<td class="name">{esc(t.row_label(r))}</td>']
+        status = t.status.get(r, "")
+        cells = [f'<td class="name">{esc(t.row_label(r))}'
+                 + (f'<span class="ci">{esc(status)}</span>' if status else "") + "</td>"]
         for c in t.columns:
             mean = t.cells.get((r, c), (math.nan,))[0]
             bold = ' class="best"' if best[c] == r else ""
-            cells.append(f'<td{bold} data-v="{mean!r}">{esc(t.ours_text(r, c) if compare else t.cell_text(r, c))}</td>')
-            if compare:
-                cells += [f"<td>{esc(t.paper_text(r, c))}</td>", f"<td>{esc(t.delta_text(r, c))}</td>"]
+            ours = "–" if status and (r, c) not in t.texts else t.ours_text(r, c)
+            below = ""
+            if (r, c) in t.paper:
+                delta = t.delta_text(r, c)
+                below = (f'<span class="ci">paper {esc(t.paper_text(r, c))}'
+                         + ("" if delta == "–" else f" (Δ {esc(delta)})") + "</span>")
+            cells.append(f'<td{bold} data-v="{mean!r}"><span class="v">{esc(ours)}</span>{below}</td>')
         body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in t.notes)
-    return (f"<h3>{esc(t.title)}</h3>" + '<table class="sortable"><thead><tr>' + "".join(head)
-            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>" + notes)
+    return (f"<h3>{esc(t.title)}</h3>" + '<div class="wide"><table class="sortable"><thead><tr>' + "".join(head)
+            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>" + notes)
 
 
 def _command(info: dict, run_dir: Path) -> str:
@@ -308,9 +321,9 @@ def provenance_html(b: Board) -> str:
     if not rows:
         return ""
     return ("<details><summary>Provenance of these runs (git commit, config hash, command to reproduce)</summary>"
-            '<table class="sortable"><thead><tr><th class="name">method</th><th>seed</th><th>commit</th>'
-            "<th>config hash</th><th>finished</th><th>device</th><th>seconds</th><th class='name'>reproduce</th>"
-            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></details>")
+            '<div class="wide"><table class="sortable"><thead><tr><th class="name">method</th><th>seed</th>'
+            "<th>commit</th><th>config hash</th><th>finished</th><th>device</th><th>seconds</th>"
+            "<th class='name'>reproduce</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div></details>")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,7 +389,8 @@ def figures_html(figs: list[tuple[str, str, str]], dataset: str) -> str:
     for rel, kind, name in figs:
         stem = Path(name).stem
         text = next((v for k, v in FIGURE_TEXT.items() if stem.startswith(k)), stem)
-        parts.append(f'<figure><img src="{esc(rel)}" alt="{esc(stem)} ({esc(kind)})" loading="eager">'
+        narrow = ' class="narrow"' if stem.endswith("_1col") else ""
+        parts.append(f'<figure><img{narrow} src="{esc(rel)}" alt="{esc(stem)} ({esc(kind)})" loading="eager">'
                      f"<figcaption>{esc(text)} — <code>{esc(name)}</code> ({esc(kind)} results; the PDF lies "
                      "beside the PNG in the figures folder)</figcaption></figure>")
     return "\n".join(parts)
@@ -444,7 +458,7 @@ def write_report(results: Path | str, out: Path | str, dataset: str | None = Non
                     f"(regenerate: <code>{esc(REGENERATE)}</code>; hide: <code>--no-reference</code>).</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>amisbench results</title><style>{CSS}</style></head>
+<title>amisbench results</title><style>{CSS}</style><script>{HEAD_SCRIPT}</script></head>
 <body><h1>amisbench results</h1>
 <p class="note">Results folder <code>{esc(results)}</code>; amisbench {esc(__version__)}. GED lower is better (↓);
 HM-IoU, MDM higher is better (↑). n = number of seeds, each seed scored on the same test images.</p>
