@@ -1,7 +1,7 @@
 """The results store: one folder per run, every file written to a temporary name and renamed.
 
 ``<results>/runs/<dataset>[-<protocol>]/<method>[-<variant>]/<profile>/seed-<k>/`` holds ``config.yaml``,
-``train_log.csv``, ``ckpt/last.pt``, ``per_image.csv``, ``metrics.json`` and ``run.json``, written last as
+``train_log.csv``, ``ckpt/last.pt``, ``per_image.csv``, ``groups.csv``, ``metrics.json`` and ``run.json``, written last as
 the completion marker. A folder with ``run.json`` is finished; one with ``ckpt/last.pt`` resumes.
 
 Reliability (see README, "Reliability"): a write that fails (a full disk, a read-only folder) is a

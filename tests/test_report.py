@@ -167,3 +167,36 @@ def test_page_renders_in_headless_chromium(show_reference, tmp_path):
     keep = os.environ.get("AMISBENCH_KEEP_SCREENSHOT")
     if keep:
         shutil.copyfile(shot, keep)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shipped reference results
+# ----------------------------------------------------------------------------------------------------
+
+def test_reference_grid_covers_every_registered_method_but_p2sam():
+    from amisbench.grid import load_grid
+    from amisbench.registry import METHODS
+
+    grid, _ = load_grid("reference")
+    assert sorted(grid["method"].split(",")) == sorted(set(METHODS.names()) - {"p2sam"})
+    assert (grid["dataset"], grid["profile"]) == ("synthetic", "quick") and grid["seeds"] >= 3
+
+
+def test_shipped_reference_results_are_complete_result_folders(monkeypatch, tmp_path):
+    from amisbench.reference import reference_results, shipped
+
+    monkeypatch.delenv("AMISBENCH_NO_REFERENCE")
+    if not (shipped() / "runs").is_dir():
+        pytest.skip("no reference results shipped yet (see configs/grids/reference.yaml)")
+    assert reference_results() == shipped()
+    runs = sorted(shipped().glob("runs/*/*/*/seed-*"))
+    for d in runs:
+        names = {p.name for p in d.iterdir()}
+        assert {"config.yaml", "metrics.json", "per_image.csv", "run.json"} <= names, d
+    from amisbench.grid import load_grid
+
+    grid, _ = load_grid("reference")
+    index = write_report(tmp_path / "empty", tmp_path / "page", "synthetic")
+    page = index.read_text()
+    for method in grid["method"]:
+        assert f"<code>{method}</code>" in page or f'data-v="{method}"' in page, method
