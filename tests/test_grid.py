@@ -296,4 +296,4 @@ def test_bad_grid_files_get_one_sentence(tmp_path, capsys, text, message):
 def test_unknown_grid_name_lists_the_shipped_ones(tmp_path, capsys):
     assert cli.main(["grid", "--grid", "nope", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--grid nope: no such file and no configs/grids/nope.yaml; known: quick_synthetic, table1_paper" in err
+    assert "--grid nope: no such file and no configs/grids/nope.yaml; known: quick_synthetic, reference, table1_paper" in err
