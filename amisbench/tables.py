@@ -732,8 +732,14 @@ def command(a) -> int:
     if a.out is not None:  # before any work or output: a folder or a read-only place is refused here
         check_output_file(a.out, "--out")
     if a.table is not None:
+        defs = load_definitions()
+        if str(a.table) not in defs:
+            raise UserError(f"unknown table '{a.table}'; known: {', '.join(defs)}")
+        ds = a.dataset or defs[str(a.table)].dataset
+
         def make(folder):
-            return build_table(a.table, folder, a.dataset, a.profile, a.protocol, a.compare_paper, a.device)
+            t = build_table(a.table, folder, a.dataset, a.profile, a.protocol, a.compare_paper, a.device, defs)
+            return with_stats(t, folder, ds, a.profile, a.protocol) if defs[str(a.table)].kind == "metrics" else t
     else:
         if a.dataset is None:
             raise UserError("give --dataset D (every run of D) or --table N (a table of the paper)")
