@@ -162,7 +162,7 @@ td.best{font-weight:700;background:#eaf6ea}.v,.ci{white-space:nowrap}
 .leaky{background:#fde7e5;color:#8c1d18;border:1px solid #e7a29c}.ok{background:#e8f1fb;color:#1b4f8a}
 .note{color:#555;font-size:.85rem;margin:.2rem 0}figure{margin:1rem 0}
 figure img{max-width:100%;border:1px solid #ddd;background:#fff}figure img.narrow{max-width:min(100%,520px)}
-.wide{overflow-x:auto}.wide td{white-space:nowrap}figcaption{color:#555;font-size:.85rem}
+.wide{overflow-x:auto}.js-only{display:none}.js .js-only{display:inline}.wide td{white-space:nowrap}figcaption{color:#555;font-size:.85rem}
 code{background:#f4f5f7;padding:0 .25rem;border-radius:3px;font-size:.82rem}
 details{margin:.5rem 0}summary{cursor:pointer;font-weight:600}nav a{margin-right:.8rem}
 """
@@ -173,6 +173,7 @@ window.pageErrors.push(String(e.message||(e.target&&(e.target.src||e.target.href
 
 # Sorting is a convenience: without JavaScript the rows stay in their printed order (best first).
 SCRIPT = """
+document.documentElement.classList.add('js');
 document.querySelectorAll('table.sortable').forEach(function(t){
   t.querySelectorAll('th').forEach(function(th,i){
     th.classList.add('sortable');th.title='click to sort';
@@ -236,8 +237,8 @@ def board_html(b: Board) -> str:
         parts.append('<div class="wide"><table class="sortable leaderboard"><thead><tr>' + "".join(head)
                      + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
     parts.append(f'<p class="note">mean ± std (ddof = 1) over seeds of the per-seed means, [95 % CI] below; '
-                 f'green: best row of the column (calibration rows excluded); {esc(PROCEDURE)}. Rows in order of {esc(b.primary)} '
-                 f'(click a header to sort).</p>' if b.metrics else "")
+                 f'green: best row of the column (calibration rows excluded); {esc(PROCEDURE)}. Rows in order of {esc(b.primary)}'
+                 f'<span class="js-only"> (click a header to sort)</span>.</p>' if b.metrics else "")
     return "\n".join(parts)
 
 
@@ -291,9 +292,10 @@ def _command(info: dict, run_dir: Path) -> str:
     except (OSError, yaml.YAMLError, AttributeError):
         sources = []
     for src in sources:
-        if isinstance(src, str) and src.startswith("--set ") and not src[6:].startswith(("dataset.protocol=",
-                                                                                          "dataset.root=")):
-            parts += ["--set", src[6:]]
+        if not isinstance(src, str) or not src.startswith("--set ") or src[6:].startswith("dataset.protocol="):
+            continue  # the protocol is --protocol above
+        key, _, value = src[6:].partition("=")
+        parts += ["--data-root", value] if key == "dataset.root" else ["--set", src[6:]]
     return " ".join(shlex.quote(p) for p in parts)
 
 
