@@ -446,11 +446,11 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     df = df[keep].rename(columns={"metric_value": "value_m"})
     plot = df.rename(columns={"value": "x", "value_m": "value"})
     name = param.split(".")[-1]
-    paths = _curve_plot(plot, "x", f"sampler {name} ({param})",
-                        f"{method} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples",
-                        out, "steps", formats, xscale="log", mark=float(configured) if configured else None,
+    title = f"{method} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples"
+    paths = _curve_plot(plot, "x", f"sampler {name} ({param})", title, out, "steps", formats, xscale="log",
+                        mark=float(configured) if configured else None,
                         mark_label=f"run's setting ({configured})" if configured else "")
-    return Figure([*paths, cache], plot)
+    return Figure([*paths, cache], plot, [title])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def test_steps_curve_reevaluates_the_checkpoint_at_each_setting(runs, monkeypatc
         assert got["GED_20"] == pytest.approx(float(ged(s, gts).mean()))  # 20 samples: GED_20, HMIoU_20
         assert got["HMIoU_20"] == pytest.approx(float(hm_iou(s, gts).mean()))
     assert [p.suffix for p in fig.paths] == [".png", ".pdf", ".csv"] and _png(fig.paths[0])[..., :3].std() > 0.05
+    # the title counts the images there are, not the ones asked for
+    more = figures.steps_figure(runs, "synthetic", method="stepsfake", values=[1], eval_images=10_000, samples=4)
+    assert f"{len(ds)} test images x 4 samples" in more.notes[0]
     # the next call reuses the cached numbers (nothing is sampled again)
     monkeypatch.setattr(figures, "evaluate_subset", lambda *a, **k: pytest.fail("recomputed"))
     again = figures.steps_figure(runs, "synthetic", method="stepsfake", values=[1, 10], eval_images=3, samples=20)
