@@ -68,17 +68,17 @@ def with_reference(build, results: Path | str, hide: bool = False) -> Table:
     ref = reference_results(hide)
     try:
         mine = build(results)
-    except UserError:
+    except UserError as e:
         if ref is None:
             raise
-        mine = None
+        mine, error = None, e
     if ref is None:
         return mine
     try:
         theirs = build(ref)
     except UserError:
         if mine is None:
-            raise
+            raise error from None  # the user's folder is what they asked about
         return mine
     return merge(mine, theirs, ref)
 

@@ -467,6 +467,10 @@ def test_real_crops_smoke_run(real_prepared, tmp_path):
     test_ids = (out / "splits" / "clean" / "test.txt").read_text().splitlines()
     rows = (folder / "per_image.csv").read_text()
     assert any(i in rows for i in test_ids)
+    # the statistics resample patients: groups.csv maps every scored image to its LIDC-IDRI patient
+    scored = {line.split(",")[0] for line in rows.splitlines()[1:]}
+    groups = dict(line.split(",") for line in (folder / "groups.csv").read_text().splitlines()[1:])
+    assert set(groups) == scored and all(g.startswith("LIDC-IDRI-") for g in groups.values())
 
 
 def test_real_crops_leaky_protocol_is_labelled_and_kept_apart(real_prepared, tmp_path):

@@ -107,6 +107,12 @@ def test_reference_rows_alone_fill_an_empty_results_folder(show_reference, tmp_p
     assert len(_rows((tmp_path / "p" / "index.html").read_text())) == 1  # SSN (reference); U-Net apart
 
 
+def test_no_runs_anywhere_names_the_users_folder(show_reference, tmp_path, capsys):
+    assert cli.main(["table", "--dataset", "isic3", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no finished runs for dataset 'isic3' under {tmp_path / 'runs'}" in err
+
+
 def test_report_errors_name_what_is_missing(folders, tmp_path, capsys):
     mine, _ = folders
     assert cli.main(["report", "--results", str(mine), "--dataset", "isic3", "--out", str(tmp_path / "x")]) == 2
