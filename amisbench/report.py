@@ -65,6 +65,16 @@ class Board:
     primary: str | None = None  # the metric the rows are ordered by
 
 
+def direction(metric: str) -> bool | None:
+    """higher_is_better of a metric key from its metadata (None for keys that are not metrics)."""
+    from .metrics import metric_info
+
+    try:
+        return metric_info(metric).higher_is_better
+    except ValueError:
+        return None
+
+
 def _row_key(label: str, kind: str) -> str:
     from .reference import SUFFIX
 
@@ -77,7 +87,7 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
 
     from .results import summarize
     from .stats import is_calibration, column_stats, per_image
-    from .tables import DEFAULT_ORDER, Table
+    from .tables import DEFAULT_ORDER
 
     frames = [s.runs.assign(source=s.kind) for s in sources if not s.runs.empty]
     if not frames:
@@ -101,7 +111,6 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
         values = {k: v for k, v in values.items() if not v.empty}
         for key, v in values.items():
             b.images[key] = int(v["id"].nunique())
-        direction = Table("", [], [], {}).direction
         compare = [k for k in values if not is_calibration(b.label[k])]
         for m in metrics:
             for key, s in column_stats(values, m, direction(m), compare=compare).items():
@@ -196,9 +205,7 @@ if(location.hash==='#selftest'){window.addEventListener('load',function(){
 def board_html(b: Board) -> str:
     from .display import display_name
     from .stats import PROCEDURE, WORSE_MARK, is_calibration
-    from .tables import Table
 
-    direction = Table("", [], [], {}).direction
     parts = []
     label = b.protocol_label if "leaky" in b.protocol_label.lower() else f"leaky protocol: {b.protocol_label}"
     flag = (f'<span class="badge leaky">⚠ {esc(label)}</span>' if b.protocol_label
