@@ -193,7 +193,7 @@ def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]
     cell = (width - left - 0.05 - gap * (len(images) - 1)) / ncols
     height = top + cell * len(rows) + bottom
     fig = plt.figure(figsize=(width, height))
-    pal = sns.color_palette("colorblind", len(rows))
+    pal = sns.color_palette("colorblind", max(1, len(rows) - 1))
     font = 6.0 if width < 5 else 7.0
     mean_im = var_im = None
 
@@ -212,8 +212,8 @@ def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]
                 for spine in ax.spines.values():
                     spine.set_linewidth(0.3)
                 if j < k:
-                    if j < len(masks):
-                        _draw_mask(ax, image, masks[j], pal[r])
+                    if j < len(masks):  # the readers in white (their dashed contours elsewhere), methods in colour
+                        _draw_mask(ax, image, masks[j], "white" if r == 0 else pal[r - 1])
                     else:
                         ax.set_axis_off()
                 elif j == k:
