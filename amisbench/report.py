@@ -499,8 +499,10 @@ def configure_parser(p) -> None:
 
 def command(a) -> int:
     from .runner import default_results
+    from .store import check_output_dir
 
     results = a.results or default_results()
-    path = write_report(results, a.out or Path(results) / "report", a.dataset, a.no_reference)
+    out = check_output_dir(a.out or Path(results) / "report", "--out")  # before any work
+    path = write_report(results, out, a.dataset, a.no_reference)
     print(path)
     return 0

@@ -120,6 +120,9 @@ def test_report_errors_name_what_is_missing(folders, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert cli.main(["report", "--results", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
     assert "no finished runs" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["report", "--results", str(mine), "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
 
 
 # ----------------------------------------------------------------------------------------------------
