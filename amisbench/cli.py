@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
 #: ``CLI_HELP``), so that the table, timing, figures and grid tools grow without edits here.
@@ -66,16 +70,20 @@ def build_parser() -> Parser:
         mod.configure_parser(p)
         COMMANDS[name] = mod.command
 
-    for kind in ("methods", "datasets"):
-        p = sub.add_parser(kind, help=f"list registered {kind} with one-line descriptions")
-        if kind == "methods":
-            p.add_argument("--verbose", action="store_true",
-                           help="also build each method at --profile (default paper) for a --size px image "
-                           "and print its parameter count and NFE for 100 samples")
-            p.add_argument("--profile", default="paper", choices=PROFILES)
-            p.add_argument("--dataset", default="lidc", help="dataset whose settings apply (default lidc)")
-            p.add_argument("--size", type=int, default=128)
-            p.add_argument("--channels", type=int, default=1)
+    p = sub.add_parser("methods", help="list registered methods, their variants and one-line descriptions",
+                       description="List every registered method (built in or from an installed plugin) with "
+                       "its description and named variants (--variant V of amisbench run).", epilog=EPILOG)
+    p.add_argument("--verbose", action="store_true",
+                   help="also build each method at --profile (default paper) for a --size px image "
+                   "and print its parameter count and NFE for 100 samples")
+    p.add_argument("--profile", default="paper", choices=PROFILES,
+                   help="with --verbose: scale of the networks built (default paper)")
+    p.add_argument("--dataset", default="lidc", help="with --verbose: dataset whose settings apply (default lidc)")
+    p.add_argument("--size", type=int, default=128, help="with --verbose: image height and width in px (default 128)")
+    p.add_argument("--channels", type=int, default=1, help="with --verbose: image channels (default 1)")
+    sub.add_parser("datasets", help="list registered dataset adapters with one-line descriptions",
+                   description="List every registered dataset adapter (built in or from an installed plugin) "
+                   "with its description.", epilog=EPILOG)
 
     p = sub.add_parser("grid-task", help="run job INDEX of a jobs file written by `amisbench grid --launcher slurm`",
                        description="Read job INDEX (1-based, the Slurm array task id) of JOBS_FILE, a JSON list of "
@@ -84,16 +92,20 @@ def build_parser() -> Parser:
     p.add_argument("jobs_file", type=Path, metavar="JOBS_FILE", help="jobs.json written by `amisbench grid`")
     p.add_argument("index", metavar="INDEX", help="which job, from 1 (e.g. $SLURM_ARRAY_TASK_ID)")
 
-    p = sub.add_parser("data", help="prepare real datasets from the files you have")
+    p = sub.add_parser("data", help="prepare real datasets from the files you have",
+                       description="Convert the LIDC-IDRI or ISIC3 files you have into the layout the "
+                       "dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
     q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
-                        "layout the adapters read", epilog=EPILOG)
-    q.add_argument("kind", choices=["lidc", "isic3"])
+                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files once into "
+                        "memory-mappable arrays, split lists and a checksummed manifest (see README, Datasets).",
+                        epilog=EPILOG)
+    q.add_argument("kind", choices=["lidc", "isic3"], help="which dataset the files are: lidc or isic3")
     q.add_argument("--from", dest="src", required=True, type=Path,
                    help="lidc: data_lidc.pickle, a folder of *.pickle parts, an HDF5 file or the PNG crop tree; "
                    "isic3: the isic256_3_style folder")
     q.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 
 
@@ -131,6 +143,15 @@ def cmd_list(a: argparse.Namespace) -> int:
     width = max((len(e.name) for e in entries), default=0)
     for e in entries:
         extra = "" if e.source == "builtin" else f"  [{e.source}]"
+        if a.command == "methods":
+            from .config import variants_of
+
+            try:
+                variants = variants_of(e.name)
+            except UserError as err:  # a plugin with a broken config file: list it anyway
+                variants, extra = [], f"{extra}  (config: {err})"
+            if variants:
+                extra += f"  (variants: {', '.join(variants)})"
         print(f"{e.name:<{width}}  {e.description}{extra}")
         if a.command == "methods" and a.verbose:
             print("  " + _method_details(e.name, a))
@@ -179,11 +200,39 @@ def cmd_data(a: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data, "grid-task": cmd_grid_task}
 
 
+def _show_warning(show, message, category, filename, lineno, file=None, line=None):
+    """Plugin warnings as one line on stderr (``amisbench: warning: ...``), the others as ``show`` does."""
+    if issubclass(category, PluginWarning):
+        print(f"amisbench: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``amisbench grid | head``): stop quietly, like other Unix tools."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not complain again
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool ended by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     try:
         a = ap.parse_args(argv)
-        return COMMANDS[a.command](a)
+        rc = COMMANDS[a.command](a)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        return _stdout_closed()
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UserError as e:

@@ -423,3 +423,15 @@ def resolve(method: str, dataset: str, profile: str = "quick", variant: str | No
     if set_items:
         sources.append("--set " + " ".join(f"{k}={v}" for k, v in set_items))
     return Resolved(cfg, method, dataset, profile, variant, sources)
+
+
+def variants_of(method: str) -> list[str]:
+    """The named variants of ``method``: those of its own ``config_layers`` and of configs/methods/<method>.yaml."""
+    from .registry import METHODS
+
+    cls = METHODS.get(method)
+    out = layer_variants(getattr(cls, "config_layers", None))
+    p = packaged_config("methods", f"{method}.yaml")
+    if p is not None:
+        out |= layer_variants(read_yaml(p))
+    return sorted(out)

@@ -455,7 +455,8 @@ def configure_parser(p) -> None:
     p.add_argument("--profile", default=None, choices=PROFILES, help="scale: smoke, quick (default), paper")
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
-    p.add_argument("--device", default=None, help="device of every run (default cpu; local --devices sets cuda)")
+    p.add_argument("--device", default=None, help="device of every run (default cpu; cuda with --gpus-per-job; "
+                   "local --devices sets cuda)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every run; METHOD:KEY=VALUE in that method's runs only")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
@@ -562,9 +563,13 @@ def apply_grid(a) -> None:
                 setattr(a, attr, str(g[key]) if key == "table" else g[key])
         a.sets = [*g.get("set", []), *a.sets]
         a.sweeps = [*g.get("sweep", []), *a.sweeps]
+    gpus = a.launcher in ("slurm", "submitit") and (getattr(a, "gpus_per_job", 0) or 0) > 0
+    if gpus and a.device == "cpu":
+        raise UserError(f"--device cpu with --gpus-per-job {a.gpus_per_job}: the jobs would run on the CPU of GPU "
+                        "nodes; leave --device out (the jobs then get --device cuda) or give --device cuda:N")
     for attr, default in FLAG_DEFAULTS.items():
         if getattr(a, attr) is None:
-            setattr(a, attr, default)
+            setattr(a, attr, "cuda" if attr == "device" and gpus else default)
     from .config import PROFILES
 
     if a.profile not in PROFILES:
