@@ -291,17 +291,13 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
 
 
 def paper_numbers() -> dict:
-    """The paper's reported numbers: the copy shipped in the package (``configs/paper/atfm_tables.yaml``),
-    or ``results/paper/atfm_tables.yaml`` of a source checkout as a fallback."""
+    """The paper's reported numbers: ``configs/paper/atfm_tables.yaml``, the one copy, shipped in the package."""
     from .config import read_yaml
 
     path = _packaged(*PAPER_PARTS)
     if path is None:
-        alt = _repo_root() / "results" / "paper" / PAPER_PARTS[1]
-        if not alt.is_file():
-            raise UserError("the paper's numbers (configs/paper/atfm_tables.yaml) are missing from this "
-                            "installation of amisbench")
-        path = alt
+        raise UserError("the paper's numbers (configs/paper/atfm_tables.yaml) are missing from this "
+                        "installation of amisbench")
     data = read_yaml(path, "paper numbers")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of table sections")
