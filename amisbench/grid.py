@@ -525,7 +525,7 @@ FLAG_DEFAULTS = {"seeds": 1, "profile": "quick", "device": "cpu"}
 def load_grid(name_or_path: str) -> tuple[dict, Path]:
     """A grid definition: ``configs/grids/<name>.yaml`` shipped with the package, or a YAML file path.
     Values are checked by key and type; lists become the comma-separated strings the flags take."""
-    from .config import packaged_config, read_yaml
+    from .config import packaged_config
 
     path = Path(name_or_path)
     if not path.is_file():
@@ -535,17 +535,11 @@ def load_grid(name_or_path: str) -> tuple[dict, Path]:
             raise UserError(f"--grid {name_or_path}: no such file and no configs/grids/{name_or_path}.yaml; "
                             f"known: {', '.join(known) or 'none'}")
         path = found
-    data = read_yaml(path, "grid")
-    if not isinstance(data, dict):
-        raise UserError(f"grid file {path}: expected a mapping of keys ({', '.join(GRID_KEYS)})")
+    from .cli import read_flag_file
+
+    data = read_flag_file(path, GRID_KEYS, "grid")
     out: dict = {}
     for key, value in data.items():
-        if key not in GRID_KEYS:
-            raise UserError(f"grid file {path}: unknown key '{key}'; known: {', '.join(GRID_KEYS)}")
-        want = GRID_KEYS[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise UserError(f"grid file {path}: '{key}' should be {names}, got {type(value).__name__}")
         if key in ("set", "sweep") and not all(isinstance(v, str) for v in value):
             raise UserError(f"grid file {path}: '{key}' should be a list of KEY=VALUE strings")
         out[key] = ",".join(map(str, value)) if isinstance(value, list) and key not in ("set", "sweep") else value

@@ -147,6 +147,12 @@ class Registry:
             raise UserError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
         return self._entries[name].obj
 
+    def findable(self, name: str) -> bool:
+        """Whether a fresh process finds ``name`` by itself: a built-in or an installed entry point (not a
+        plugin registered by hand at run time)."""
+        self.get(name)
+        return self._entries[name].source == "builtin" or any(ep.name == name for ep in self._entry_points())
+
     def entries(self) -> list[Entry]:
         self._import_builtins()
         self._import_entry_points()

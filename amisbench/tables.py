@@ -14,6 +14,7 @@ Two modes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -418,7 +419,8 @@ def _is_implemented(method: str) -> bool:
 
 def build_table(table_id: str, results: Path | str, dataset: str | None = None, profile: str | None = None,
                 protocol: str | None = None, compare: bool = False, device: str | None = None,
-                definitions: dict[str, TableDef] | None = None, paper: dict | None = None) -> Table:
+                definitions: dict[str, TableDef] | None = None, paper: dict | None = None,
+                tag: str | None = None) -> Table:
     """Table ``table_id`` of ``configs/tables.yaml`` from the result folders under ``results``.
 
     Args:
@@ -429,6 +431,7 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
         protocol: split protocol of the runs (needed when several exist).
         compare: show ours, the paper's number and the difference side by side.
         device: timing tables: the device folder under results/timing (needed when several exist).
+        tag: metrics tables: take the runs of ``amisbench run --tag TAG`` (default: the untagged runs).
     """
     defs = definitions if definitions is not None else load_definitions()
     if str(table_id) not in defs:
@@ -466,7 +469,7 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
         t.title = d.title_for(ds, samples)
         t.headers = {k: v.replace("{samples}", samples) for k, v in t.headers.items()}
     else:
-        _fill_metrics(t, d, results, ds, profile, protocol)
+        _fill_metrics(t, d, results, ds, profile, protocol, tag)
     missing = [r.key + (f" ({r.reason})" if r.reason else "") for r in d.rows if not _is_implemented(r.method)]
     if missing:
         t.notes.append("not implemented in amisbench: " + ", ".join(missing))
@@ -481,22 +484,30 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
 
 
 def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: str | None,
-                  protocol: str | None) -> None:
+                  protocol: str | None, tag: str | None = None) -> None:
     from .results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
     df, prof, proto = select_runs(df, ds, profile, protocol)
     s = summarize(df)
     labels = set(s["label"])
+    if tag:  # the runs of one --tag: a row's labels gain "+tag"
+        rows = [dataclasses.replace(r, also=[f"{lab}+{tag}" for lab in [r.key, *r.also]]) for r in d.rows]
+        t.notes.append(f"runs tagged {tag}")
+    else:
+        rows = list(d.rows)
+    tagged = sorted(lab for lab in labels if "+" in lab and not (tag and lab.endswith(f"+{tag}")))
+    if tagged:
+        t.notes.append(f"tagged runs not in this table: {', '.join(tagged)} (build it from one tag with --tag NAME)")
     seeds_note, used = [], []
-    rows = list(d.rows)
     for lab in sorted(labels):  # reference rows with runs (unet, oracle) follow the table's rows, set apart
-        if label_method(lab) in d.references and lab not in t.rows:
+        if label_method(lab) in d.references and lab not in t.rows and "+" not in lab:
             t.rows.append(lab)
             t.references.append(lab)
             rows.append(RowDef(lab, lab))
     for r in rows:
-        label = next((lab for lab in [r.key, *r.also] if lab in labels), None)
+        tagged_row = tag and r.key not in t.references  # reference rows: their untagged runs
+        label = next((lab for lab in (r.also if tagged_row else [r.key, *r.also]) if lab in labels), None)
         if label is None:
             t.status[r.key] = f"not run ({r.reason})" if r.reason else "not run"
             continue
@@ -795,6 +806,8 @@ def configure_parser(p) -> None:
     p.add_argument("--profile", default=None, help="profile of the runs (needed when several exist)")
     p.add_argument("--protocol", default=None, help="split protocol of the runs (needed when several exist)")
     p.add_argument("--device", default=None, help="Table 3: device folder under results/timing")
+    p.add_argument("--tag", default=None, metavar="NAME", help="with --table: the runs of `amisbench run --tag NAME` "
+                   "(default: untagged runs; without --table every tag is its own row, method+NAME)")
     p.add_argument("--format", default="md", choices=list(FORMATS), help="output format (default md)")
     p.add_argument("--compare-paper", action="store_true",
                    help="with --table: ours, the paper's number and the difference side by side")
@@ -812,12 +825,14 @@ def command(a) -> int:
     if a.out is not None:  # before any work or output: a folder or a read-only place is refused here
         check_output_file(a.out, "--out")
     if a.table is not None:
-        t = build_table(a.table, results, a.dataset, a.profile, a.protocol, a.compare_paper, a.device)
+        t = build_table(a.table, results, a.dataset, a.profile, a.protocol, a.compare_paper, a.device, tag=a.tag)
     else:
         if a.dataset is None:
             raise UserError("give --dataset D (every run of D) or --table N (a table of the paper)")
         if a.compare_paper:
             raise UserError("--compare-paper needs --table N (the paper's numbers belong to its tables)")
+        if a.tag:
+            raise UserError("--tag needs --table N (without it every tag is a row of its own, method+NAME)")
         t = build(results, a.dataset, a.profile, protocol=a.protocol)
     text = FORMATS[a.format](t)
     sys.stdout.write(text)

@@ -346,6 +346,7 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
+    from .registry import METHODS
     from .runner import pick_device
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
@@ -358,10 +359,11 @@ def command(a) -> int:
     DATASETS.get(a.dataset)
     recs = []
     inference = table_inference()  # read configs/tables.yaml once for all methods
-    # CPU memory is measured per process: with several methods, each is timed in a process of its own
+    # CPU memory is measured per process: with several methods, each is timed in a process of its own (if a
+    # fresh process can find it: not a method registered by hand at run time)
     isolate = len(methods) > 1 and pick_device(a.device).type == "cpu"
     for m in methods:
-        rec = time_isolated(m, isolate, dataset=a.dataset, samples=a.samples, images=a.images, profile=a.profile,
+        rec = time_isolated(m, isolate and METHODS.findable(m), dataset=a.dataset, samples=a.samples, images=a.images, profile=a.profile,
                             device=a.device, untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
                             table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype,
                             compile=a.compile, results=a.results, protocol=a.protocol, data_root=a.data_root,
