@@ -330,6 +330,13 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def config_tree(cfg: RunConfig) -> dict:
+    """``cfg`` as plain sections method, dataset, train (with ``train.logger``), eval."""
+    p = to_plain(cfg)
+    p["train"]["logger"] = p.pop("logger")
+    return p
+
+
 def config_hash(plain: dict) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -381,10 +388,8 @@ class Resolved:
     origins: dict[str, str] = field(default_factory=dict)  # dotted key -> the layer that gave its value
 
     def plain(self) -> dict:
-        p = {"method_name": self.method, "dataset_name": self.dataset, "profile": self.profile,
-             "variant": self.variant, **to_plain(self.cfg)}
-        p["train"]["logger"] = p.pop("logger")
-        return p
+        return {"method_name": self.method, "dataset_name": self.dataset, "profile": self.profile,
+                "variant": self.variant, **config_tree(self.cfg)}
 
     def hash(self) -> str:
         """Hash of everything that changes the results (the logger does not)."""
@@ -412,9 +417,7 @@ class _Origins:
         self.where = {k: "defaults" for k in self.values}
 
     def _now(self) -> dict[str, Any]:
-        p = to_plain(self.cfg)
-        p["train"]["logger"] = p.pop("logger")
-        return flat(p)
+        return flat(config_tree(self.cfg))
 
     def after(self, where: str) -> None:
         now = self._now()
