@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
 #: ``CLI_HELP``), so that the table, timing, figures and grid tools grow without edits here.
@@ -40,20 +44,31 @@ def build_parser() -> Parser:
     p = sub.add_parser("run", help="train and evaluate a method on a dataset over one or more seeds",
                        description="Train every stage of METHOD on DATASET, evaluate GED_16/32/100, HM-IoU_32, "
                        "MDM_32 on prefixes of 100 samples per test image, and write "
-                       "results/runs/<dataset>/<method>[-<variant>]/<profile>/seed-<k>/. A finished run is "
-                       "skipped; a killed run resumes from ckpt/last.pt (checked against ckpt/last.pt.sha256). A run "
-                       "folder is locked while a command uses it: a second command on it exits 2 naming the first.",
+                       "results/runs/<dataset>/<method>[-<variant>][+<tag>]/<profile>/seed-<k>/. A finished run "
+                       "is skipped; a killed run resumes from ckpt/last.pt (checked against ckpt/last.pt.sha256). "
+                       "A run folder is locked while a command uses it: a second command on it exits 2 naming the "
+                       "first. Settings may come from a --config file (the command line wins); --print-config shows "
+                       "the resolved config and exits.",
                        epilog=EPILOG)
-    p.add_argument("--method", required=True, help="registered method name (see `amisbench methods`)")
-    p.add_argument("--dataset", required=True, help="registered dataset name (see `amisbench datasets`)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a YAML file with the keys of these flags (method, dataset, seed or seeds, variant, "
+                   "profile, protocol, data_root, device, results, tag) and set: (a list of KEY=VALUE or a "
+                   "mapping); flags on the command line win, set entries add up")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config, each value with where it came from, and exit")
+    p.add_argument("--tag", default=None, metavar="NAME",
+                   help="run into <method>[-<variant>]+NAME/ so that a changed setting sits beside the other runs "
+                   "(tables show it as its own row, or take it with --tag NAME)")
+    p.add_argument("--method", default=None, help="registered method name (see `amisbench methods`)")
+    p.add_argument("--dataset", default=None, help="registered dataset name (see `amisbench datasets`)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1")
     seeds.add_argument("--seed", type=int, default=None, help="run this one seed (default 0)")
     p.add_argument("--variant", default=None, help="named variant of the method (e.g. atfm: act_gtr)")
-    p.add_argument("--profile", default="quick", choices=PROFILES, help="scale: smoke, quick (default), paper")
+    p.add_argument("--profile", default=None, choices=PROFILES, help="scale: smoke, quick (default), paper")
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset (e.g. clean, atfm-paper)")
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     add_results_option(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.main.steps=100 --set method.rank=5")
@@ -67,16 +82,20 @@ def build_parser() -> Parser:
         mod.configure_parser(p)
         COMMANDS[name] = mod.command
 
-    for kind in ("methods", "datasets"):
-        p = sub.add_parser(kind, help=f"list registered {kind} with one-line descriptions")
-        if kind == "methods":
-            p.add_argument("--verbose", action="store_true",
-                           help="also build each method at --profile (default paper) for a --size px image "
-                           "and print its parameter count and NFE for 100 samples")
-            p.add_argument("--profile", default="paper", choices=PROFILES)
-            p.add_argument("--dataset", default="lidc", help="dataset whose settings apply (default lidc)")
-            p.add_argument("--size", type=int, default=128)
-            p.add_argument("--channels", type=int, default=1)
+    p = sub.add_parser("methods", help="list registered methods, their variants and one-line descriptions",
+                       description="List every registered method (built in or from an installed plugin) with "
+                       "its description and named variants (--variant V of amisbench run).", epilog=EPILOG)
+    p.add_argument("--verbose", action="store_true",
+                   help="also build each method at --profile (default paper) for a --size px image "
+                   "and print its parameter count and NFE for 100 samples")
+    p.add_argument("--profile", default="paper", choices=PROFILES,
+                   help="with --verbose: scale of the networks built (default paper)")
+    p.add_argument("--dataset", default="lidc", help="with --verbose: dataset whose settings apply (default lidc)")
+    p.add_argument("--size", type=int, default=128, help="with --verbose: image height and width in px (default 128)")
+    p.add_argument("--channels", type=int, default=1, help="with --verbose: image channels (default 1)")
+    sub.add_parser("datasets", help="list registered dataset adapters with one-line descriptions",
+                   description="List every registered dataset adapter (built in or from an installed plugin) "
+                   "with its description.", epilog=EPILOG)
 
     p = sub.add_parser("grid-task", help="run job INDEX of a jobs file written by `amisbench grid --launcher slurm`",
                        description="Read job INDEX (1-based, the Slurm array task id) of JOBS_FILE, a JSON list of "
@@ -85,29 +104,146 @@ def build_parser() -> Parser:
     p.add_argument("jobs_file", type=Path, metavar="JOBS_FILE", help="jobs.json written by `amisbench grid`")
     p.add_argument("index", metavar="INDEX", help="which job, from 1 (e.g. $SLURM_ARRAY_TASK_ID)")
 
-    p = sub.add_parser("data", help="prepare real datasets from the files you have")
+    p = sub.add_parser("data", help="prepare real datasets from the files you have",
+                       description="Convert the LIDC-IDRI or ISIC3 files you have into the layout the "
+                       "dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
     q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
-                        "layout the adapters read", epilog=EPILOG)
-    q.add_argument("kind", choices=["lidc", "isic3"])
+                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files once into "
+                        "memory-mappable arrays, split lists and a checksummed manifest (see README, Datasets).",
+                        epilog=EPILOG)
+    q.add_argument("kind", choices=["lidc", "isic3"], help="which dataset the files are: lidc or isic3")
     q.add_argument("--from", dest="src", required=True, type=Path,
                    help="lidc: data_lidc.pickle, a folder of *.pickle parts, an HDF5 file or the PNG crop tree; "
                    "isic3: the isic256_3_style folder")
     q.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
+
+
+def read_flag_file(path: Path | str, keys: dict[str, type | tuple[type, ...]], what: str) -> dict:
+    """A YAML mapping whose keys are those of a command's flags, checked by key and type (one sentence
+    naming the file and the key otherwise)."""
+    from .config import read_yaml
+
+    data = read_yaml(path, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{what} file {path}: expected a mapping of keys ({', '.join(keys)})")
+    for key, value in data.items():
+        if key not in keys:
+            raise UserError(f"{what} file {path}: unknown key '{key}'; known: {', '.join(keys)}")
+        want = keys[key]
+        if not isinstance(value, want) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise UserError(f"{what} file {path}: '{key}' should be {names}, got {type(value).__name__}")
+    return data
+
+
+RUN_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "method": str, "dataset": str, "seed": int, "seeds": int, "variant": str, "profile": str, "protocol": str,
+    "data_root": str, "device": str, "results": str, "tag": str, "set": (list, dict)}
+RUN_DEFAULTS = {"profile": "quick", "device": "cpu"}
+
+
+def _file_sets(value: list | dict, path: Path) -> list[str]:
+    """``set:`` of a run file as KEY=VALUE items: a list of such strings, or a (nested or dotted) mapping."""
+    import json
+
+    from .config import flat
+
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise UserError(f"run file {path}: 'set' should be a list of KEY=VALUE strings or a mapping")
+        return list(value)
+    return [f"{k}={json.dumps(v)}" for k, v in flat(value).items()]  # JSON is YAML: --set reads it back
+
+
+def run_options(a: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """The settings of ``amisbench run`` from the flags, then ``--config FILE``, then the defaults, and where
+    each came from (``--flag``, the file, ``default``)."""
+    from .config import PROFILES
+
+    f = read_flag_file(a.config, RUN_FILE_KEYS, "run") if a.config is not None else {}
+    here = str(a.config)
+    if "seed" in f and "seeds" in f:
+        raise UserError(f"run file {here}: give 'seed' or 'seeds', not both")
+    opts: dict = {}
+    origin: dict[str, str] = {}
+    for key in ("method", "dataset", "variant", "profile", "protocol", "data_root", "device", "results", "tag"):
+        flag = getattr(a, key)
+        if flag is not None:
+            opts[key], origin[key] = flag, "--" + key.replace("_", "-")
+        elif key in f:
+            opts[key], origin[key] = f[key], here
+        else:
+            opts[key], origin[key] = RUN_DEFAULTS.get(key), "default"
+    if a.seeds is not None or a.seed is not None:
+        opts["seeds"], origin["seeds"] = ((list(range(a.seeds)), "--seeds") if a.seeds is not None
+                                          else ([a.seed], "--seed"))
+    elif "seeds" in f or "seed" in f:
+        opts["seeds"], origin["seeds"] = (list(range(f["seeds"])) if "seeds" in f else [f["seed"]]), here
+    else:
+        opts["seeds"], origin["seeds"] = [0], "default"
+    if not opts["seeds"]:
+        n = a.seeds if a.seeds is not None else f["seeds"]
+        raise UserError(("--seeds" if a.seeds is not None else f"run file {here}: seeds") + f" {n}: expected a "
+                        "positive number of seeds")
+    for key in ("method", "dataset"):
+        if not opts[key]:
+            raise UserError(f"give --{key}" + (f" (or {key}: in {here})" if a.config is not None else ""))
+    if opts["profile"] not in PROFILES:
+        raise UserError(f"run file {here}: profile '{opts['profile']}': expected one of {', '.join(PROFILES)}")
+    file_sets = _file_sets(f["set"], a.config) if "set" in f else []
+    opts["sets"] = [*file_sets, *a.sets]
+    opts["set_labels"] = [f"{here} set:"] * len(file_sets) + ["--set"] * len(a.sets)
+    if opts["results"] is not None:
+        opts["results"] = Path(opts["results"])
+    return opts, origin
+
+
+def print_config(res, folders: list[Path], opts: dict, origin: dict[str, str], out=None) -> None:
+    """The resolved config as YAML-readable ``key: value  # source`` lines (run settings, then every value)."""
+    import yaml
+
+    from .config import flat
+
+    def val(v) -> str:
+        return yaml.safe_dump([v], default_flow_style=True, width=10**6).strip()[1:-1]
+
+    run = {k: opts[k] for k in ("method", "dataset", "variant", "profile", "protocol", "data_root", "device",
+                                "results", "tag", "seeds")}
+    if run["results"] is None:
+        from .runner import default_results
+
+        run["results"] = default_results()
+        origin = {**origin, "results": "$AMISBENCH_RESULTS" if os.environ.get("AMISBENCH_RESULTS") else "default"}
+    run["results"] = str(run["results"])
+    lines = [f"# amisbench run: the resolved config of {res.method} on {res.dataset} (profile {res.profile}); "
+             f"config hash {res.hash()}", "# run folder(s): " + ", ".join(map(str, folders)), "run:"]
+    rows = [(f"  {k}: {val(v)}", origin[k]) for k, v in run.items()]
+    lines += _aligned(rows)
+    lines.append("config:")
+    plain = res.plain()
+    tree = {k: plain[k] for k in ("method", "dataset", "train", "eval")}
+    lines += _aligned([(f"  {k}: {val(v)}", res.origins.get(k, "defaults")) for k, v in flat(tree).items()])
+    print("\n".join(lines), file=out or sys.stdout)
+
+
+def _aligned(rows: list[tuple[str, str]]) -> list[str]:
+    width = max((len(t) for t, _ in rows), default=0)
+    return [f"{t:<{width}}  # {src}" for t, src in rows]
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .runner import Reporter, RunFailed, RunSpec, prepare, run_spec
 
-    seeds = list(range(a.seeds)) if a.seeds is not None else [a.seed if a.seed is not None else 0]
-    if a.seeds is not None and a.seeds < 1:
-        raise UserError(f"--seeds {a.seeds}: expected a positive number of seeds")
-    specs = [RunSpec(a.method, a.dataset, s, a.profile, a.variant, a.sets, a.device, a.results, a.force,
-                     a.data_root, a.protocol) for s in seeds]
-    for spec in specs:  # validate every seed's config before anything is written
-        prepare(spec)
+    o, origin = run_options(a)
+    specs = [RunSpec(o["method"], o["dataset"], s, o["profile"], o["variant"], o["sets"], o["device"], o["results"],
+                     a.force, o["data_root"], o["protocol"], o["tag"], o["set_labels"]) for s in o["seeds"]]
+    prepared = [prepare(spec) for spec in specs]  # validate every seed's config before anything is written
+    if a.print_config:
+        print_config(prepared[0][0], [folder for _, folder in prepared], o, origin)
+        return 0
     rep = Reporter(a.quiet)
     failed = []
     for spec in specs:
@@ -132,6 +268,15 @@ def cmd_list(a: argparse.Namespace) -> int:
     width = max((len(e.name) for e in entries), default=0)
     for e in entries:
         extra = "" if e.source == "builtin" else f"  [{e.source}]"
+        if a.command == "methods":
+            from .config import variants_of
+
+            try:
+                variants = variants_of(e.name)
+            except UserError as err:  # a plugin with a broken config file: list it anyway
+                variants, extra = [], f"{extra}  (config: {err})"
+            if variants:
+                extra += f"  (variants: {', '.join(variants)})"
         print(f"{e.name:<{width}}  {e.description}{extra}")
         if a.command == "methods" and a.verbose:
             print("  " + _method_details(e.name, a))
@@ -180,11 +325,39 @@ def cmd_data(a: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "methods": cmd_list, "datasets": cmd_list, "data": cmd_data, "grid-task": cmd_grid_task}
 
 
+def _show_warning(show, message, category, filename, lineno, file=None, line=None):
+    """Plugin warnings as one line on stderr (``amisbench: warning: ...``), the others as ``show`` does."""
+    if issubclass(category, PluginWarning):
+        print(f"amisbench: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``amisbench grid | head``): stop quietly, like other Unix tools."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the final flush at exit does not complain again
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool ended by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     try:
         a = ap.parse_args(argv)
-        return COMMANDS[a.command](a)
+        rc = COMMANDS[a.command](a)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        return _stdout_closed()
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UserError as e:

@@ -74,12 +74,18 @@ class EvalConfig:
     compile: bool = False  # torch.compile the method's networks before sampling (Method.compile_targets)
 
 
+LOGGERS = ("csv", "tensorboard")
+
+
 @dataclass
 class RunConfig:
     method: Any
     dataset: Any
     train: dict[str, StageConfig]
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # ``train.logger``: where the training scalars go besides train_log.csv (always written): csv (nothing
+    # more) or tensorboard (``<run>/tensorboard/``, needs the tensorboard extra). Not part of the config hash.
+    logger: Literal["csv", "tensorboard"] = "csv"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,15 +203,17 @@ def apply_section_tree(cfg: RunConfig, tree: dict, where: str) -> None:
         if section == "train":
             if not isinstance(sub, dict):
                 raise UserError(f"{w}: expected a mapping of stage names (or 'default') to settings")
+            if "logger" in sub:  # train.logger: a setting of the run, not of a stage
+                cfg.logger = coerce(sub["logger"], _hints(RunConfig)["logger"], f"{w}.logger")
             if "default" in sub:
                 for stage_cfg in cfg.train.values():
                     apply_tree(stage_cfg, sub["default"], f"{w}.default")
             for stage, st in sub.items():
-                if stage == "default":
+                if stage in ("default", "logger"):
                     continue
                 if stage not in cfg.train:
                     raise UserError(f"{w}: unknown stage '{stage}'; this method's stages: "
-                                    f"{', '.join(['default', *cfg.train])}")
+                                    f"{', '.join(['default', *cfg.train])} (and logger)")
                 apply_tree(cfg.train[stage], st, f"{w}.{stage}")
         elif section in ("method", "dataset", "eval"):
             apply_tree(getattr(cfg, section), sub, w)
@@ -322,6 +330,13 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def config_tree(cfg: RunConfig) -> dict:
+    """``cfg`` as plain sections method, dataset, train (with ``train.logger``), eval."""
+    p = to_plain(cfg)
+    p["train"]["logger"] = p.pop("logger")
+    return p
+
+
 def config_hash(plain: dict) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -370,18 +385,55 @@ class Resolved:
     profile: str
     variant: str | None
     sources: list[str]
+    origins: dict[str, str] = field(default_factory=dict)  # dotted key -> the layer that gave its value
 
     def plain(self) -> dict:
         return {"method_name": self.method, "dataset_name": self.dataset, "profile": self.profile,
-                "variant": self.variant, **to_plain(self.cfg)}
+                "variant": self.variant, **config_tree(self.cfg)}
 
     def hash(self) -> str:
-        return config_hash(self.plain())
+        """Hash of everything that changes the results (the logger does not)."""
+        p = self.plain()
+        del p["train"]["logger"]
+        return config_hash(p)
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); lists are values."""
+    if not isinstance(tree, dict) or (prefix and not tree):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+class _Origins:
+    """Which layer gave each value of a config its final content (the last one that changed it)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.values = self._now()
+        self.where = {k: "defaults" for k in self.values}
+
+    def _now(self) -> dict[str, Any]:
+        return flat(config_tree(self.cfg))
+
+    def after(self, where: str) -> None:
+        now = self._now()
+        for k, v in now.items():
+            if self.values.get(k, self) != v:
+                self.where[k] = where
+        self.values = now
 
 
 def resolve(method: str, dataset: str, profile: str = "quick", variant: str | None = None,
-            sets: list[str] | None = None, extra_files: list[Path] | None = None) -> Resolved:
-    """Build the :class:`RunConfig` of a run (see the module docstring for the order)."""
+            sets: list[str] | None = None, extra_files: list[Path] | None = None,
+            set_labels: list[str] | None = None) -> Resolved:
+    """Build the :class:`RunConfig` of a run (see the module docstring for the order).
+
+    ``set_labels`` names where each entry of ``sets`` came from (default ``--set``), for
+    :attr:`Resolved.origins`."""
     from .registry import DATASETS, METHODS
 
     if profile not in PROFILES:
@@ -414,12 +466,29 @@ def resolve(method: str, dataset: str, profile: str = "quick", variant: str | No
     if variant is not None and variant not in known_variants:
         known = ", ".join(sorted(known_variants)) or "none"
         raise UserError(f"unknown variant '{variant}' of method '{method}'; known: {known}")
+    origins = _Origins(cfg)
     for where, layer in layers:
         apply_layer(cfg, layer, where, profile=profile, dataset=dataset, variant=variant,
                     used_variant=used_variant)
         sources.append(where)
+        origins.after(where)
     set_items = parse_set(sets)
-    apply_set(cfg, set_items)
+    labels = list(set_labels or [])
+    for i, item in enumerate(set_items):
+        apply_set(cfg, [item])
+        origins.after(labels[i] if i < len(labels) else "--set")
     if set_items:
         sources.append("--set " + " ".join(f"{k}={v}" for k, v in set_items))
-    return Resolved(cfg, method, dataset, profile, variant, sources)
+    return Resolved(cfg, method, dataset, profile, variant, sources, origins.where)
+
+
+def variants_of(method: str) -> list[str]:
+    """The named variants of ``method``: those of its own ``config_layers`` and of configs/methods/<method>.yaml."""
+    from .registry import METHODS
+
+    cls = METHODS.get(method)
+    out = layer_variants(getattr(cls, "config_layers", None))
+    p = packaged_config("methods", f"{method}.yaml")
+    if p is not None:
+        out |= layer_variants(read_yaml(p))
+    return sorted(out)

@@ -455,7 +455,8 @@ def configure_parser(p) -> None:
     p.add_argument("--profile", default=None, choices=PROFILES, help="scale: smoke, quick (default), paper")
     p.add_argument("--protocol", default=None, help="split protocol of a real dataset")
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
-    p.add_argument("--device", default=None, help="device of every run (default cpu; local --devices sets cuda)")
+    p.add_argument("--device", default=None, help="device of every run (default cpu; cuda with --gpus-per-job; "
+                   "local --devices sets cuda)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every run; METHOD:KEY=VALUE in that method's runs only")
     p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
@@ -524,7 +525,7 @@ FLAG_DEFAULTS = {"seeds": 1, "profile": "quick", "device": "cpu"}
 def load_grid(name_or_path: str) -> tuple[dict, Path]:
     """A grid definition: ``configs/grids/<name>.yaml`` shipped with the package, or a YAML file path.
     Values are checked by key and type; lists become the comma-separated strings the flags take."""
-    from .config import packaged_config, read_yaml
+    from .config import packaged_config
 
     path = Path(name_or_path)
     if not path.is_file():
@@ -534,17 +535,11 @@ def load_grid(name_or_path: str) -> tuple[dict, Path]:
             raise UserError(f"--grid {name_or_path}: no such file and no configs/grids/{name_or_path}.yaml; "
                             f"known: {', '.join(known) or 'none'}")
         path = found
-    data = read_yaml(path, "grid")
-    if not isinstance(data, dict):
-        raise UserError(f"grid file {path}: expected a mapping of keys ({', '.join(GRID_KEYS)})")
+    from .cli import read_flag_file
+
+    data = read_flag_file(path, GRID_KEYS, "grid")
     out: dict = {}
     for key, value in data.items():
-        if key not in GRID_KEYS:
-            raise UserError(f"grid file {path}: unknown key '{key}'; known: {', '.join(GRID_KEYS)}")
-        want = GRID_KEYS[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise UserError(f"grid file {path}: '{key}' should be {names}, got {type(value).__name__}")
         if key in ("set", "sweep") and not all(isinstance(v, str) for v in value):
             raise UserError(f"grid file {path}: '{key}' should be a list of KEY=VALUE strings")
         out[key] = ",".join(map(str, value)) if isinstance(value, list) and key not in ("set", "sweep") else value
@@ -562,9 +557,13 @@ def apply_grid(a) -> None:
                 setattr(a, attr, str(g[key]) if key == "table" else g[key])
         a.sets = [*g.get("set", []), *a.sets]
         a.sweeps = [*g.get("sweep", []), *a.sweeps]
+    gpus = a.launcher in ("slurm", "submitit") and (getattr(a, "gpus_per_job", 0) or 0) > 0
+    if gpus and a.device == "cpu":
+        raise UserError(f"--device cpu with --gpus-per-job {a.gpus_per_job}: the jobs would run on the CPU of GPU "
+                        "nodes; leave --device out (the jobs then get --device cuda) or give --device cuda:N")
     for attr, default in FLAG_DEFAULTS.items():
         if getattr(a, attr) is None:
-            setattr(a, attr, default)
+            setattr(a, attr, "cuda" if attr == "device" and gpus else default)
     from .config import PROFILES
 
     if a.profile not in PROFILES:

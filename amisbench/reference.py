@@ -90,7 +90,7 @@ def merge(mine: Table | None, theirs: Table, folder: Path) -> Table:
                                                  paper={}, notes=[])
     t = replace(base, rows=list(base.rows), cells=dict(base.cells), texts=dict(base.texts),
                 status=dict(base.status), names=dict(base.names), paper=dict(base.paper), notes=list(base.notes),
-                marks=dict(base.marks))
+                marks=dict(base.marks), references=list(base.references))
     added = []
     for r in theirs.rows:
         if theirs.status.get(r) or not any((r, c) in theirs.cells or (r, c) in theirs.texts for c in theirs.columns):
@@ -110,6 +110,10 @@ def merge(mine: Table | None, theirs: Table, folder: Path) -> Table:
             if (r, c) in theirs.marks:
                 t.marks[(key, c)] = theirs.marks[(r, c)]
         t.status[key] = ""
+        if r in theirs.references:
+            t.references.append(key)
+    # calibration rows (unet, oracle) of both folders last, after the rule, never ranked
+    t.rows = [r for r in t.rows if r not in t.references] + [r for r in t.rows if r in t.references]
     if added:
         where = "the shipped reference results" if folder == shipped() else f"reference results in {folder}"
         t.notes.append(f"rows marked (reference): {where}; " + "; ".join(n for n in theirs.notes

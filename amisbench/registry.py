@@ -6,18 +6,31 @@ imported. They are found by importing the package's modules by dotted name (neve
 built-in method is one file plus one decorator. Third-party plugins register through the entry-point
 groups ``amisbench.methods`` and ``amisbench.datasets``; an entry point may name the class itself or a
 module whose import registers it. Both kinds are looked up the same way, lazily, by name.
+
+``$AMISBENCH_PLUGINS`` (comma-separated distribution names, e.g. ``amisbench`` for none but the project's
+own) limits the entry points loaded; unset, every installed plugin is. A plugin that fails to import is
+one :class:`PluginWarning` line naming the entry point and the error; the other plugins still work.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import re
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from .errors import UserError
+
+
+PLUGINS_ENV = "AMISBENCH_PLUGINS"
+
+
+class PluginWarning(UserWarning):
+    """A plugin entry point that could not be loaded (the command goes on without it)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._scanned_builtins = False
         self._scanned_entry_points = False
+        self.broken: dict[str, str] = {}  # entry point name -> why it could not be loaded
 
     # -- registration ---------------------------------------------------------------------------------
     def register(self, name: str, obj: Any = None, *, description: str | None = None) -> Any:
@@ -74,10 +88,22 @@ class Registry:
                 importlib.import_module(f"{self.package}.{info.name}")
 
     def _entry_points(self) -> list:
-        return list(entry_points(group=self.group))
+        eps = list(entry_points(group=self.group))
+        allowed = os.environ.get(PLUGINS_ENV)
+        if allowed is None:
+            return eps
+        names = {_norm(n) for n in allowed.split(",") if n.strip()}
+        return [ep for ep in eps if ep.dist is not None and _norm(ep.dist.name) in names]
 
     def _load_entry_point(self, ep) -> None:
-        obj = ep.load()
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not take the other methods down
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+            self.broken[ep.name] = why
+            warnings.warn(f"{self.kind} plugin '{ep.name}' ({ep.value}, entry point group {self.group}) could "
+                          f"not be loaded and is left out: {why}", PluginWarning, stacklevel=2)
+            return
         if ep.name not in self._entries and not _is_module(obj):
             self.register(ep.name, obj)
         if ep.name not in self._entries:
@@ -89,8 +115,12 @@ class Registry:
             return
         self._scanned_entry_points = True
         for ep in self._entry_points():
-            if ep.name not in self._entries:
-                self._load_entry_point(ep)
+            if ep.name not in self._entries and ep.name not in self.broken:
+                try:
+                    self._load_entry_point(ep)
+                except UserError as e:  # registered nothing: listing goes on without it
+                    self.broken[ep.name] = str(e)
+                    warnings.warn(str(e), PluginWarning, stacklevel=2)
 
     def get(self, name: str) -> Any:
         """The plugin registered as ``name``; :class:`UserError` listing the known names otherwise."""
@@ -105,13 +135,23 @@ class Registry:
         if name not in self._entries:
             for ep in self._entry_points():
                 if ep.name == name:
-                    self._load_entry_point(ep)
+                    if name not in self.broken:
+                        self._load_entry_point(ep)
+                    if name in self.broken:
+                        raise UserError(f"{self.kind} '{name}' is a plugin that could not be loaded "
+                                        f"({ep.value}): {self.broken[name]}")
                     break
         if name not in self._entries:
             self._import_builtins()
         if name not in self._entries:
             raise UserError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
         return self._entries[name].obj
+
+    def findable(self, name: str) -> bool:
+        """Whether a fresh process finds ``name`` by itself: a built-in or an installed entry point (not a
+        plugin registered by hand at run time)."""
+        self.get(name)
+        return self._entries[name].source == "builtin" or any(ep.name == name for ep in self._entry_points())
 
     def entries(self) -> list[Entry]:
         self._import_builtins()
@@ -131,6 +171,11 @@ class Registry:
 
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""
+
+
+def _norm(dist_name: str) -> str:
+    """A distribution name as pip compares them (case, ``-``/``_``/``.`` insensitive)."""
+    return re.sub(r"[-_.]+", "-", dist_name.strip()).lower()
 
 
 def _is_module(obj: Any) -> bool:

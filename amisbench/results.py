@@ -9,8 +9,13 @@ import pandas as pd
 from .errors import UserError
 from .store import RUNS, read_metrics, read_run_info
 
-COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "label", "profile", "seed", "metric",
-           "value", "run_dir"]
+COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "tag", "label", "profile", "seed",
+           "metric", "value", "run_dir"]
+
+
+def result_label(method: str, variant: str | None = None, tag: str | None = None) -> str:
+    """``method[-variant][+tag]``: the row of a run in the tables (runs of one tag are one row)."""
+    return method + (f"-{variant}" if variant else "") + (f"+{tag}" if tag else "")
 
 
 def scan(results: Path | str) -> tuple[pd.DataFrame, list[Path]]:
@@ -31,14 +36,14 @@ def scan(results: Path | str) -> tuple[pd.DataFrame, list[Path]]:
                 unfinished.append(seed_dir)
                 continue
             metrics = read_metrics(seed_dir)
-            variant = info.get("variant")
+            variant, tag = info.get("variant"), info.get("tag")
             for key, value in metrics.items():
                 if key == "n_images":
                     continue
                 rows.append({
                     "dataset": info["dataset"], "protocol": info.get("protocol"),
                     "protocol_label": info.get("protocol_label"), "method": info["method"], "variant": variant,
-                    "label": info["method"] + (f"-{variant}" if variant else ""), "profile": info["profile"],
+                    "tag": tag, "label": result_label(info["method"], variant, tag), "profile": info["profile"],
                     "seed": int(info["seed"]), "metric": key, "value": float(value), "run_dir": str(seed_dir),
                 })
     return pd.DataFrame(rows, columns=COLUMNS), unfinished

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from . import __version__
 from .config import Resolved, StageConfig, check_values, resolve
 from .errors import UserError
 from .evaluate import evaluate
+from .loggers import check_tensorboard, open_logger
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed
 from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
@@ -223,24 +225,42 @@ class RunSpec:
     force: bool = False
     data_root: str | None = None
     protocol: str | None = None
+    tag: str | None = None  # the run folder is <method>[-<variant>]+<tag>: a changed setting beside the others
+    set_labels: list[str] | None = None  # where each of ``sets`` came from (default --set), for --print-config
+
+
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,-]*")
+
+
+def check_tag(tag: str | None) -> None:
+    if tag is not None and (not TAG_RE.fullmatch(tag) or len(tag) > 100):
+        raise UserError(f"--tag {tag!r}: expected letters, digits and . _ = , - (starting with a letter or "
+                        "digit), e.g. --tag lr3e-4")
 
 
 def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
     """Resolve the config and the run folder; validates everything and writes nothing."""
+    check_tag(spec.tag)
     sets = list(spec.sets or [])
+    labels = list(spec.set_labels or [])
+    labels += ["--set"] * (len(sets) - len(labels))
     if spec.data_root is not None:
         sets.insert(0, f"dataset.root={spec.data_root}")
+        labels.insert(0, "--data-root")
     if spec.protocol is not None:
         sets.insert(0, f"dataset.protocol={spec.protocol}")
+        labels.insert(0, "--protocol")
     if spec.seed < 0:
         raise UserError(f"--seed {spec.seed}: expected a non-negative integer")
-    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets)
+    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets, set_labels=labels)
     check_values(res.cfg)  # values the types alone do not check (grid validates through here)
     protocol = getattr(res.cfg.dataset, "protocol", None)
     default_protocol = getattr(type(res.cfg.dataset)(), "protocol", None)
+    if res.cfg.logger == "tensorboard":
+        check_tensorboard()
     results = check_output_dir(Path(spec.results or default_results()), "--results")
     folder = run_dir(results, spec.dataset, spec.method, spec.profile, spec.seed,
-                     spec.variant, protocol if protocol != default_protocol else None)
+                     spec.variant, protocol if protocol != default_protocol else None, spec.tag)
     return res, folder
 
 
@@ -331,7 +351,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
             raise UserError(f"{e}; pass --force to run it again") from None
         if old != chash:
             raise UserError(f"{folder} holds a finished run with another config (hash {old}, now {chash}); "
-                            "pass --force to replace it or choose another --results folder")
+                            "pass --tag NAME to run this config beside it, --force to replace it, or choose "
+                            "another --results folder")
         rep.line(f"{name}: finished already ({folder}); --force reruns it")
         return folder
 
@@ -347,7 +368,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         state = check_state(load_torch(ckpt_path), ckpt_path)
         if state.get("config_hash") != chash:
             raise UserError(f"{folder} holds a checkpoint of another config (hash {state.get('config_hash')}, "
-                            f"now {chash}); pass --force to start over or choose another --results folder")
+                            f"now {chash}); pass --tag NAME to run this config beside it, --force to start over, "
+                            "or choose another --results folder")
     check_memory(mcls, cfg, train_ds.spec, spec.method, dev)
     torch.manual_seed(derive_seed("init", spec.seed))
     try:
@@ -359,6 +381,7 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         load_weights(model, state["model"], ckpt_path)
     folder.mkdir(parents=True, exist_ok=True)
     write_yaml(folder / "config.yaml", {"sources": res.sources, **res.plain()})
+    extra_log = open_logger(cfg.logger, folder)
     log_rows: list[dict] = state["log"] if state else []
     done_stages: list[str] = list(state["done_stages"]) if state else []
     timings: dict[str, float] = dict(state.get("timings", {})) if state else {}
@@ -443,6 +466,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                         row["grad_norm"] = gnorm
                     row.update({k: float(v) for k, v in logs.items()})
                     log_rows.append(row)
+                    if extra_log is not None:
+                        extra_log.log(row)
                 rep.update(step, f"loss {float(loss.detach()):.4f}", every=sc.log_every)
                 if step % sc.ckpt_every == 0 and step < total:
                     checkpoint(stage, step, opt, sched, ema, time.time() - t0)
@@ -455,6 +480,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         done_stages.append(stage)
         timings[stage] = round(time.time() - t0, 3)
         checkpoint(stage, step, None, None, None, timings[stage])
+    if extra_log is not None:
+        extra_log.close()
 
     rep.line(f"{name}: evaluating on {cfg.eval.split} "
              f"({min(len(eval_ds), cfg.eval.max_images or len(eval_ds))} images x {cfg.eval.n_samples} samples)")
@@ -480,7 +507,7 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     protocol = getattr(cfg.dataset, "protocol", None)
     labels = getattr(dcls, "protocol_labels", {}) or {}
     info = {
-        "status": "done", "method": spec.method, "variant": spec.variant, "dataset": spec.dataset,
+        "status": "done", "method": spec.method, "variant": spec.variant, "tag": spec.tag, "dataset": spec.dataset,
         "profile": spec.profile, "seed": spec.seed, "protocol": protocol,
         "protocol_label": labels.get(protocol) if protocol else None,
         "config_hash": chash, "split_hash": {"train": split_hash(train_ds), cfg.eval.split: split_hash(eval_ds)},

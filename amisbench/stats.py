@@ -238,13 +238,15 @@ PROCEDURE = ("per-image values averaged over seeds; 95 % CI: percentile bootstra
 # marking a table
 # ----------------------------------------------------------------------------------------------------
 
-#: rows that calibrate the metrics rather than compete (floor and ceiling): intervals, but no comparison
-CALIBRATION_ROWS = ("unet", "oracle")
 WORSE_MARK = "†"
 
 
 def is_calibration(label: str) -> bool:
-    return label.split("-", 1)[0] in CALIBRATION_ROWS
+    """Rows that calibrate the metrics rather than compete (floor and ceiling: ``reference_rows`` of
+    configs/tables.yaml): intervals, but no comparison."""
+    from .tables import label_method, reference_methods
+
+    return label_method(label) in reference_methods()
 
 
 def row_values(results: Path | str, dataset: str, profile: str | None, protocol: str | None

@@ -1,6 +1,6 @@
 """The results store: one folder per run, every file written to a temporary name and renamed.
 
-``<results>/runs/<dataset>[-<protocol>]/<method>[-<variant>]/<profile>/seed-<k>/`` holds ``config.yaml``,
+``<results>/runs/<dataset>[-<protocol>]/<method>[-<variant>][+<tag>]/<profile>/seed-<k>/`` holds ``config.yaml``,
 ``train_log.csv``, ``ckpt/last.pt``, ``per_image.csv``, ``groups.csv``, ``metrics.json`` and ``run.json``, written last as
 the completion marker. A folder with ``run.json`` is finished; one with ``ckpt/last.pt`` resumes.
 
@@ -34,9 +34,9 @@ TIMING = "timing"  # <results>/timing/<device>/<dataset>__<label>.json, written 
 
 
 def run_dir(results: Path | str, dataset: str, method: str, profile: str, seed: int,
-            variant: str | None = None, protocol: str | None = None) -> Path:
+            variant: str | None = None, protocol: str | None = None, tag: str | None = None) -> Path:
     ds = dataset if not protocol else f"{dataset}-{protocol}"
-    m = method if not variant else f"{method}-{variant}"
+    m = (method if not variant else f"{method}-{variant}") + (f"+{tag}" if tag else "")
     return Path(results) / RUNS / ds / m / profile / f"seed-{seed}"
 
 

@@ -14,6 +14,7 @@ Two modes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class Table:
     """A table ready to format: rows (method labels) x columns (metrics) of (mean, spread, n) cells.
 
     Attributes:
-        title: caption title.
+        title: caption title (without a number: Markdown prefixes ``number``, LaTeX numbers it itself).
         columns: column keys (metric keys of metrics.json, or timing keys).
         rows: row keys (result labels: method or method-variant).
         cells: (row, column) -> (mean, spread, n) of our runs; spread is the sample std (ddof = 1) over
@@ -61,6 +62,8 @@ class Table:
         count_label: what n counts ("seeds" or "images").
         marks: (row, column) -> a mark after our number (e.g. "†": worse than the best row, see
             :mod:`amisbench.stats`).
+        number: the table's id ("1" for Table 1 of configs/tables.yaml; None for a table of all runs).
+        references: reference rows (e.g. ``unet``, ``oracle``): listed last, set apart, never bold.
     """
 
     title: str
@@ -81,6 +84,8 @@ class Table:
     spread: str = "std"
     count_label: str = "seeds"
     marks: dict[tuple[str, str], str] = field(default_factory=dict)
+    number: str | None = None
+    references: list[str] = field(default_factory=list)
 
     # -- questions ------------------------------------------------------------------------------------
     def direction(self, col: str) -> bool | None:
@@ -97,11 +102,18 @@ class Table:
     def best(self, col: str) -> str | None:
         """The row with the best of our values in ``col`` (None without a direction or with < 2 values)."""
         hib = self.direction(col)
-        vals = {r: self.cells[(r, col)][0] for r in self.rows if (r, col) in self.cells
+        vals = {r: self.cells[(r, col)][0] for r in self.ranked_rows() if (r, col) in self.cells
                 and not math.isnan(self.cells[(r, col)][0])}
         if hib is None or len(vals) < 2:
             return None
         return (max if hib else min)(vals, key=vals.get)
+
+    def ranked_rows(self) -> list[str]:
+        """The rows that compete for bold (every row but the reference rows)."""
+        return [r for r in self.rows if r not in self.references]
+
+    def heading(self) -> str:
+        return f"Table {self.number}. {self.title}" if self.number else self.title
 
     def dec(self, col: str) -> int:
         return self.col_decimals.get(col, self.decimals)
@@ -118,11 +130,12 @@ class Table:
             return None
         mean, spread, n = self.cells[(row, col)]
         d = self.dec(col)
-        sd = "n/a" if math.isnan(spread) else f"{spread:.{d}f}"
         mark = self.marks.get((row, col), "")
+        if math.isnan(spread):  # one seed (or image): the value and its count, no spread to show
+            return f"{mean:.{d}f}{mark}" + (f" (n={n})" if with_n else "")
         if self.spread == "iqr":
-            return f"{mean:.{d}f}{mark} (IQR {sd}" + (f", n={n})" if with_n else ")")
-        return f"{mean:.{d}f}{mark} ± {sd}" + (f" (n={n})" if with_n else "")
+            return f"{mean:.{d}f}{mark} (IQR {spread:.{d}f}" + (f", n={n})" if with_n else ")")
+        return f"{mean:.{d}f}{mark} ± {spread:.{d}f}" + (f" (n={n})" if with_n else "")
 
     def ours_text(self, row: str, col: str) -> str:
         """Our value: "mean ± std (n=k)", a text cell, "not run" or "–"."""
@@ -221,6 +234,21 @@ class TableDef:
     rows: list[RowDef]
     inference: dict[str, list[str]] = field(default_factory=dict)
     reference: str | None = None
+    references: list[str] = field(default_factory=list)  # reference methods (top-level reference_rows)
+    dataset_names: dict[str, str] = field(default_factory=dict)  # dataset -> name in titles
+
+    def title_for(self, dataset: str, samples: str = "100") -> str:
+        """The caption title for runs on ``dataset`` (``{dataset}`` and ``{samples}`` filled in)."""
+        name = self.dataset_names.get(dataset, dataset)
+        try:
+            text = self.title.format(dataset=name, samples=samples)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"configs/tables.yaml: tables.{self.id}.title: only {{dataset}} and {{samples}} may "
+                            f"be filled in, got {self.title!r} ({e})") from None
+        if dataset != self.dataset:
+            text += f" (the layout of the paper's Table {self.id}, which is on " \
+                    f"{self.dataset_names.get(self.dataset, self.dataset)})"
+        return text
 
 
 def _repo_root() -> Path:
@@ -251,6 +279,13 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
     raw = read_yaml(path, "table definitions")
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):
         raise UserError(f"{where}: expected a mapping with key 'tables' (table id -> definition)")
+    _check_keys(raw, ("tables", "reference_rows", "dataset_names"), where)
+    refs = raw.get("reference_rows") or []
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise UserError(f"{where}: reference_rows: expected a list of method names")
+    names = raw.get("dataset_names") or {}
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise UserError(f"{where}: dataset_names: expected a mapping of dataset -> name")
     out: dict[str, TableDef] = {}
     for tid, t in raw["tables"].items():
         w = f"{where}: tables.{tid}"
@@ -288,24 +323,20 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
         inference = t.get("inference") or {}
         if not isinstance(inference, dict) or not all(isinstance(v, list) for v in inference.values()):
             raise UserError(f"{w}.inference: expected a mapping of method -> list of key=value settings")
-        out[str(tid)] = TableDef(str(tid), t.get("title", f"Table {tid}"), kind, t["dataset"], t.get("paper"),
+        out[str(tid)] = TableDef(str(tid), t.get("title", "{dataset}"), kind, t["dataset"], t.get("paper"),
                                  cols, rows, {k: [str(s) for s in v] for k, v in inference.items()},
-                                 t.get("reference"))
+                                 t.get("reference"), list(refs), dict(names))
     return out
 
 
 def paper_numbers() -> dict:
-    """The paper's reported numbers: the copy shipped in the package (``configs/paper/atfm_tables.yaml``),
-    or ``results/paper/atfm_tables.yaml`` of a source checkout as a fallback."""
+    """The paper's reported numbers: ``configs/paper/atfm_tables.yaml``, the one copy, shipped in the package."""
     from .config import read_yaml
 
     path = _packaged(*PAPER_PARTS)
     if path is None:
-        alt = _repo_root() / "results" / "paper" / PAPER_PARTS[1]
-        if not alt.is_file():
-            raise UserError("the paper's numbers (configs/paper/atfm_tables.yaml) are missing from this "
-                            "installation of amisbench")
-        path = alt
+        raise UserError("the paper's numbers (configs/paper/atfm_tables.yaml) are missing from this "
+                        "installation of amisbench")
     data = read_yaml(path, "paper numbers")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of table sections")
@@ -367,7 +398,21 @@ def build(results: Path | str, dataset: str, profile: str | None = None, columns
     notes += _protocol_notes(df, proto)
     notes += _override_notes(df, sorted(rows))
     notes += _unfinished_note(unfinished, dataset, prof)
-    return Table(f"{dataset}", cols, sorted(rows), cells, notes)
+    refs = reference_methods()
+    ranked = sorted(r for r in rows if label_method(r) not in refs)
+    references = sorted(r for r in rows if label_method(r) in refs)
+    return Table(f"{dataset}: every finished run", cols, ranked + references, cells, notes, references=references)
+
+
+def label_method(label: str) -> str:
+    """The method of a result label (``method[-variant][+tag]``)."""
+    return label.split("+", 1)[0].split("-", 1)[0]
+
+
+def reference_methods() -> list[str]:
+    """Methods whose rows calibrate the others (``reference_rows`` of configs/tables.yaml): never ranked."""
+    defs = load_definitions()
+    return next(iter(defs.values())).references if defs else []
 
 
 def _is_implemented(method: str) -> bool:
@@ -378,7 +423,8 @@ def _is_implemented(method: str) -> bool:
 
 def build_table(table_id: str, results: Path | str, dataset: str | None = None, profile: str | None = None,
                 protocol: str | None = None, compare: bool = False, device: str | None = None,
-                definitions: dict[str, TableDef] | None = None, paper: dict | None = None) -> Table:
+                definitions: dict[str, TableDef] | None = None, paper: dict | None = None,
+                tag: str | None = None) -> Table:
     """Table ``table_id`` of ``configs/tables.yaml`` from the result folders under ``results``.
 
     Args:
@@ -389,18 +435,23 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
         protocol: split protocol of the runs (needed when several exist).
         compare: show ours, the paper's number and the difference side by side.
         device: timing tables: the device folder under results/timing (needed when several exist).
+        tag: metrics tables: take the runs of ``amisbench run --tag TAG`` (default: the untagged runs).
     """
     defs = definitions if definitions is not None else load_definitions()
     if str(table_id) not in defs:
         raise UserError(f"unknown table '{table_id}'; known: {', '.join(defs)}")
     d = defs[str(table_id)]
     ds = dataset or d.dataset
-    pap = paper if paper is not None else (paper_numbers() if d.paper else {})
-    section = pap.get(d.paper) if d.paper else None
-    if d.paper and not isinstance(section, dict):
+    same = ds == d.dataset  # the paper's numbers belong to its dataset only
+    if compare and not same:
+        raise UserError(f"--compare-paper: the paper's Table {d.id} reports {d.dataset} numbers, and these runs "
+                        f"are on {ds}; drop --compare-paper, or build --dataset {d.dataset}")
+    pap = paper if paper is not None else (paper_numbers() if d.paper and same else {})
+    section = pap.get(d.paper) if d.paper and same else None
+    if d.paper and same and not isinstance(section, dict):
         raise UserError(f"the paper's numbers have no section '{d.paper}' (table {d.id} of configs/tables.yaml)")
-    t = Table(d.title + ("" if ds == d.dataset else f" (built on {ds})"), [c.key for c in d.columns],
-              [r.key for r in d.rows], {}, compare=compare)
+    t = Table(d.title_for(ds), [c.key for c in d.columns], [r.key for r in d.rows], {}, compare=compare,
+              number=d.id)
     for c in d.columns:
         if c.title:
             t.headers[c.key] = c.title
@@ -418,32 +469,49 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
             if val is not None:
                 t.paper[(r.key, c.key)] = val
     if d.kind == "timing":
-        _fill_timing(t, d, results, ds, profile, device)
+        samples = _fill_timing(t, d, results, ds, profile, device)
+        t.title = d.title_for(ds, samples)
+        t.headers = {k: v.replace("{samples}", samples) for k, v in t.headers.items()}
     else:
-        _fill_metrics(t, d, results, ds, profile, protocol)
+        _fill_metrics(t, d, results, ds, profile, protocol, tag)
     missing = [r.key + (f" ({r.reason})" if r.reason else "") for r in d.rows if not _is_implemented(r.method)]
     if missing:
         t.notes.append("not implemented in amisbench: " + ", ".join(missing))
-    if d.paper:
+    if d.paper and same:
         src = pap.get("source", "the paper")
-        where = d.dataset if ds == d.dataset else f"{d.dataset}, not {ds}"
         spread = "; mean ± std over five runs" if d.kind == "metrics" else ""
         gpu = (pap.get("settings") or {}).get("gpu") if d.kind == "timing" else None
-        t.notes.append(f"paper: {src}, Table {d.id} ({where}){spread}" + (f"; {gpu}" if gpu else ""))
+        t.notes.append(f"paper: {src}, Table {d.id} ({d.dataset}){spread}" + (f"; {gpu}" if gpu else ""))
+    elif d.paper:
+        t.notes.append(f"the paper's numbers are not shown: its Table {d.id} is on {d.dataset}, not {ds}")
     return t
 
 
 def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: str | None,
-                  protocol: str | None) -> None:
+                  protocol: str | None, tag: str | None = None) -> None:
     from .results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
     df, prof, proto = select_runs(df, ds, profile, protocol)
     s = summarize(df)
     labels = set(s["label"])
+    if tag:  # the runs of one --tag: a row's labels gain "+tag"
+        rows = [dataclasses.replace(r, also=[f"{lab}+{tag}" for lab in [r.key, *r.also]]) for r in d.rows]
+        t.notes.append(f"runs tagged {tag}")
+    else:
+        rows = list(d.rows)
+    tagged = sorted(lab for lab in labels if "+" in lab and not (tag and lab.endswith(f"+{tag}")))
+    if tagged:
+        t.notes.append(f"tagged runs not in this table: {', '.join(tagged)} (build it from one tag with --tag NAME)")
     seeds_note, used = [], []
-    for r in d.rows:
-        label = next((lab for lab in [r.key, *r.also] if lab in labels), None)
+    for lab in sorted(labels):  # reference rows with runs (unet, oracle) follow the table's rows, set apart
+        if label_method(lab) in d.references and lab not in t.rows and "+" not in lab:
+            t.rows.append(lab)
+            t.references.append(lab)
+            rows.append(RowDef(lab, lab))
+    for r in rows:
+        tagged_row = tag and r.key not in t.references  # reference rows: their untagged runs
+        label = next((lab for lab in (r.also if tagged_row else [r.key, *r.also]) if lab in labels), None)
         if label is None:
             t.status[r.key] = f"not run ({r.reason})" if r.reason else "not run"
             continue
@@ -498,10 +566,11 @@ def setup_text(rec: dict) -> str:
 
 
 def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: str | None,
-                 device: str | None) -> None:
+                 device: str | None) -> str:
+    """Fill a timing table from ``results/timing/<device>/<ds>__*.json``: the definition's rows, then a row
+    for every other timed method. Returns the samples per call of the records ("n" when they differ)."""
     recs = timing_records(results, ds)
-    keys = {lab for r in d.rows for lab in [r.key, *r.also]}
-    devices = sorted(dev for dev, m in recs.items() if keys & set(m))
+    devices = sorted(recs)
     if device is not None:
         devices = [dev for dev in devices if dev == device]
     if len(devices) > 1:
@@ -509,9 +578,14 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
                         "pick one with --device")
     mine = recs.get(devices[0], {}) if devices else {}
     t.spread, t.count_label = "iqr", "images"
+    rows = list(d.rows)
+    defined = {lab for r in d.rows for lab in [r.key, *r.also]}
+    for lab in sorted(set(mine) - defined):  # timed methods that are not rows of the paper's table
+        t.rows.append(lab)
+        rows.append(RowDef(lab, lab))
     other_profile = []
     used: dict[str, dict] = {}  # row key -> the record shown in that row (its own label or one of `also`)
-    for r in d.rows:
+    for r in rows:
         rec = next((mine[lab] for lab in [r.key, *r.also] if lab in mine), None)
         if rec is not None and profile and rec.get("profile") != profile:
             other_profile.append(f"{r.key} ({rec.get('profile')})")
@@ -533,38 +607,52 @@ def _fill_timing(t: Table, d: TableDef, results: Path | str, ds: str, profile: s
                 t.texts[(r.key, c.key)] = setup_text(rec)
             elif c.key in rec:
                 t.texts[(r.key, c.key)] = str(rec[c.key])
-        if rec.get("samples") != 100:
-            t.notes.append(f"{r.key} was timed with {rec.get('samples')} samples per image, not 100")
+    counts = sorted({int(rec.get("samples") or 0) for rec in used.values()})
+    samples = str(counts[0]) if len(counts) == 1 else ("100" if not counts else "n")
+    if len(counts) > 1:
+        t.notes.append("samples per call: " + "; ".join(f"{k} {rec.get('samples')}" for k, rec in used.items()))
     if devices:
         profs = sorted({str(rec.get("profile")) for rec in used.values()})
-        t.notes.append(f"ours: median over n test images (one call of 100 samples each, after warm-up), IQR = "
-                       f"interquartile range; device {devices[0]}; profile {', '.join(profs)}")
+        t.notes.append(f"ours: median over n test images (one call of {samples} samples each, after warm-up), "
+                       f"IQR = interquartile range; device {devices[0]}; profile {', '.join(profs)}")
         setups = [f"{key}: {setup_text(rec)}" for key, rec in used.items()]
         if setups:
             t.notes.append("setup: " + "; ".join(setups))
+        kinds = sorted({str(rec.get("memory_kind")) for rec in used.values() if rec.get("memory_kind")})
+        if "peak_memory_gb" in t.columns and kinds:
+            t.notes.append("peak memory: " + "; ".join(kinds))
     else:
+        others = sorted({f.name.split("__", 1)[0] for f in (Path(results) / TIMING).glob("*/*__*.json")} - {ds})
+        hint = f"; timing results exist for: {', '.join(others)} (--dataset)" if others else ""
         t.notes.append(f"no timing results for dataset '{ds}' under {Path(results) / TIMING}; run e.g. "
-                       f"amisbench timing --method atfm --dataset {ds}")
+                       f"amisbench timing --method atfm --dataset {ds}{hint}")
     if other_profile:
         t.notes.append("left out (other profile): " + ", ".join(other_profile))
+    _ratio_notes(t, d, used)
+    return samples
+
+
+def _ratio_notes(t: Table, d: TableDef, used: dict[str, dict]) -> None:
+    """Every row's time and NFE relative to the definition's reference row, ours and the paper's."""
     ref = d.reference
-    if ref and (ref, "seconds_100") in t.cells:
-        ref_s = t.cells[(ref, "seconds_100")][0]
-        ref_p = paper_mean(t.paper.get((ref, "seconds_100")))
-        parts = []
-        for r in d.rows:
-            if r.key == ref or (r.key, "seconds_100") not in t.cells:
-                continue
-            s = t.cells[(r.key, "seconds_100")][0] / ref_s if ref_s > 0 else float("nan")
-            txt = f"{r.key}/{ref} time ×{s:.3g}"
-            nfe_a, nfe_b = used[r.key].get("nfe"), used[ref].get("nfe")
-            if nfe_a and nfe_b:
-                txt += f" (NFE ×{nfe_a / nfe_b:.3g}"
-                p = paper_mean(t.paper.get((r.key, "seconds_100")))
-                txt += f"; paper time ×{p / ref_p:.3g})" if p and ref_p else ")"
-            parts.append(txt)
-        if parts:
-            t.notes.append("ratios: " + "; ".join(parts))
+    if not ref or (ref, "seconds_100") not in t.cells:
+        return
+    ref_s = t.cells[(ref, "seconds_100")][0]
+    ref_p = paper_mean(t.paper.get((ref, "seconds_100")))
+    parts = []
+    for r in t.rows:
+        if r == ref or (r, "seconds_100") not in t.cells:
+            continue
+        s = t.cells[(r, "seconds_100")][0] / ref_s if ref_s > 0 else float("nan")
+        txt = f"{r}/{ref} time ×{s:.3g}"
+        nfe_a, nfe_b = used[r].get("nfe"), used[ref].get("nfe")
+        if nfe_a and nfe_b:
+            txt += f" (NFE ×{nfe_a / nfe_b:.3g}"
+            p = paper_mean(t.paper.get((r, "seconds_100")))
+            txt += f"; paper time ×{p / ref_p:.3g})" if p and ref_p else ")"
+        parts.append(txt)
+    if parts:
+        t.notes.append("ratios: " + "; ".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,6 +668,9 @@ def _header(t: Table, col: str) -> str:
     return t.headers.get(col, col) + _arrow(t, col)
 
 
+REFERENCE_NOTE = "reference rows (calibration, not ranked)"
+
+
 def to_markdown(t: Table) -> str:
     best = {c: t.best(c) for c in t.columns}
     if t.compare:
@@ -590,8 +681,11 @@ def to_markdown(t: Table) -> str:
     else:
         head = "| method | " + " | ".join(_header(t, c) for c in t.columns) + " |"
         sep = "|---|" + "---|" * len(t.columns)
-    lines = [f"**{t.title}**", "", head, sep]
+    lines = [f"**{t.heading()}**", "", head, sep]
+    width = len(sep.split("|")) - 3
     for r in t.rows:
+        if t.references and r == t.references[0]:
+            lines.append(f"| _{REFERENCE_NOTE}_ |" + " |" * width)
         cells = []
         for c in t.columns:
             txt = t.ours_text(r, c) if t.compare else t.cell_text(r, c)
@@ -601,7 +695,8 @@ def to_markdown(t: Table) -> str:
         lines.append(f"| {t.row_label(r)} | " + " | ".join(cells) + " |")
     lines.append("")
     if any(best.values()):
-        lines.append("_bold: best of our runs per column (↓ lower is better, ↑ higher is better)_")
+        lines.append("_bold: best of our runs per column (↓ lower is better, ↑ higher is better)"
+                     + ("; reference rows are not ranked" if t.references else "") + "_")
     lines += [f"_{n}_" for n in t.notes]
     return "\n".join(lines) + "\n"
 
@@ -622,19 +717,23 @@ def _tex_ours(t: Table, r: str, c: str, bold: bool) -> str:
         d = t.dec(c)
         m = f"{mean:.{d}f}"
         m = (r"\textbf{" + m + "}" if bold else m) + _tex(t.marks.get((r, c), ""))
-        sd = "n/a" if math.isnan(spread) else f"{spread:.{d}f}"
+        if math.isnan(spread):
+            return f"{m} {{\\scriptsize ($n$={n})}}"
         if t.spread == "iqr":
-            return f"{m} {{\\scriptsize (IQR {sd}, $n$={n})}}"
-        return f"{m} $\\pm$ {sd} {{\\scriptsize ($n$={n})}}"
+            return f"{m} {{\\scriptsize (IQR {spread:.{d}f}, $n$={n})}}"
+        return f"{m} $\\pm$ {spread:.{d}f} {{\\scriptsize ($n$={n})}}"
     return _tex(t.ours_text(r, c) if t.compare else t.cell_text(r, c))
 
 
 def to_latex(t: Table) -> str:
-    """A booktabs table; every row of the table is one LaTeX row (``\\\\``), the notes go in the caption."""
+    """A booktabs table; every row of the table is one LaTeX row (``\\\\``), the notes go in the caption.
+    The caption carries no number of its own (LaTeX numbers the table); reference rows follow a rule."""
     ncol = len(t.columns) * (3 if t.compare else 1)
-    lines = [r"\begin{table}[t]", r"\centering",
-             r"\caption{" + _tex(t.title + ". " + "; ".join(t.notes)) + "}",
-             r"\begin{tabular}{l" + "c" * ncol + "}", r"\toprule"]
+    caption = ". ".join(p for p in [t.title, "; ".join(t.notes)] if p)
+    lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + _tex(caption) + "}"]
+    if t.number:
+        lines.append(r"\label{tab:amisbench-" + _tex(t.number) + "}")
+    lines += [r"\begin{tabular}{l" + "c" * ncol + "}", r"\toprule"]
     if t.compare:
         lines.append("Method & " + " & ".join(r"\multicolumn{3}{c}{" + _tex(_header(t, c)) + "}"
                                               for c in t.columns) + r" \\")
@@ -646,6 +745,8 @@ def to_latex(t: Table) -> str:
     lines.append(r"\midrule")
     best = {c: t.best(c) for c in t.columns}
     for r in t.rows:
+        if t.references and r == t.references[0]:
+            lines.append(r"\midrule")
         cells = []
         for c in t.columns:
             cells.append(_tex_ours(t, r, c, best[c] == r))
@@ -657,8 +758,9 @@ def to_latex(t: Table) -> str:
 
 
 def to_csv(t: Table) -> str:
-    """Long format, one line per (method, column); numbers stay numbers. Tables with a definition also
-    carry the row status and the paper's number."""
+    """Long format, one line per (method, column); numbers stay numbers, ``text`` is the cell as the other
+    formats show it. Tables with a definition also carry the row status (``ok`` for rows with results) and,
+    where the paper reports numbers for this dataset, the paper's number as value and text and the difference."""
     import pandas as pd
 
     recs = []
@@ -673,11 +775,15 @@ def to_csv(t: Table) -> str:
                 continue
             else:
                 rec.update(mean=None, std=None, n=0, best=False)
+            rec["reference"] = r in t.references
+            rec["text"] = t.ours_text(r, c)
             if defined:
+                rec["status"] = t.status.get(r) or "ok"
+            if t.has_paper():
                 p = t.paper.get((r, c))
-                rec.update(text=t.texts.get((r, c)), status=t.status.get(r, ""), paper_mean=paper_mean(p),
+                rec.update(paper_mean=paper_mean(p),
                            paper_std=(p[1] if isinstance(p, (list, tuple)) and len(p) > 1 else None),
-                           paper_text=(p if isinstance(p, str) else None))
+                           paper_text=None if p is None else format_paper(p, t.dec(c)))
                 dt = t.delta_text(r, c)
                 rec["delta"] = None if dt == "–" else dt
             recs.append(rec)
@@ -713,6 +819,8 @@ def configure_parser(p) -> None:
     p.add_argument("--profile", default=None, help="profile of the runs (needed when several exist)")
     p.add_argument("--protocol", default=None, help="split protocol of the runs (needed when several exist)")
     p.add_argument("--device", default=None, help="Table 3: device folder under results/timing")
+    p.add_argument("--tag", default=None, metavar="NAME", help="with --table: the runs of `amisbench run --tag NAME` "
+                   "(default: untagged runs; without --table every tag is its own row, method+NAME)")
     p.add_argument("--format", default="md", choices=list(FORMATS), help="output format (default md)")
     p.add_argument("--compare-paper", action="store_true",
                    help="with --table: ours, the paper's number and the difference side by side")
@@ -738,13 +846,16 @@ def command(a) -> int:
         ds = a.dataset or defs[str(a.table)].dataset
 
         def make(folder):
-            t = build_table(a.table, folder, a.dataset, a.profile, a.protocol, a.compare_paper, a.device, defs)
+            t = build_table(a.table, folder, a.dataset, a.profile, a.protocol, a.compare_paper, a.device, defs,
+                            tag=a.tag)
             return with_stats(t, folder, ds, a.profile, a.protocol) if defs[str(a.table)].kind == "metrics" else t
     else:
         if a.dataset is None:
             raise UserError("give --dataset D (every run of D) or --table N (a table of the paper)")
         if a.compare_paper:
             raise UserError("--compare-paper needs --table N (the paper's numbers belong to its tables)")
+        if a.tag:
+            raise UserError("--tag needs --table N (without it every tag is a row of its own, method+NAME)")
 
         def make(folder):
             return with_stats(build(folder, a.dataset, a.profile, protocol=a.protocol), folder, a.dataset,

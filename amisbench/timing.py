@@ -18,6 +18,7 @@ Each method samples with the paper's inference settings (the ``inference`` entry
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import sys
@@ -35,6 +36,7 @@ from .store import TIMING
 
 # indirections so that tests can check the order of synchronisation and clock reads
 _clock: Callable[[], float] = time.perf_counter
+_timed_here = 0  # methods timed in this process so far (CPU peak memory is per process)
 
 
 def _sync(device: torch.device) -> None:
@@ -225,9 +227,13 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     if dev.type == "cuda":
         peak, mem_kind = int(torch.cuda.max_memory_allocated(dev)), "torch.cuda.max_memory_allocated"
     else:
-        # ru_maxrss is in KiB on Linux (bytes on macOS): the whole process, model loading included
+        # ru_maxrss is in KiB on Linux (bytes on macOS): the whole process, imports and model loading included
+        global _timed_here
+        _timed_here += 1
         scale = 1 if sys.platform == "darwin" else 1024
-        peak, mem_kind = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "process peak RSS"
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+        mem_kind = (PER_PROCESS if _timed_here == 1 else
+                    f"peak RSS of a process that timed {_timed_here} methods (not this method's own)")
     fixed, per, total = nfe_parts(model, samples)
     arr = np.asarray(times, dtype=np.float64)
     q25, med, q75 = (float(v) for v in np.percentile(arr, [25, 50, 75]))
@@ -240,7 +246,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         "min_s": float(arr.min()), "max_s": float(arr.max()), "mean_s": float(arr.mean()),
         "std_s": float(arr.std(ddof=1)) if len(arr) > 1 else math.nan,
         "nfe": total, "nfe_fixed": fixed, "nfe_per_sample": per, "nfe_label": nfe_label(fixed, per),
-        "peak_memory_bytes": peak, "memory_kind": mem_kind,
+        "peak_memory_bytes": peak, "memory_kind": mem_kind, "pid": os.getpid(),
         "device": str(dev), "device_tag": device_tag(dev), "device_name": device_name(dev),
         "dtype": ("float32" if amp is None else f"autocast {dtype}") + (" + torch.compile" if compile else ""),
         "compiled": compiled,
@@ -256,6 +262,21 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         write_json(path, rec)
         rec["path"] = str(path)
     return rec
+
+
+PER_PROCESS = "peak RSS of a process that timed only this method (imports and model included)"
+
+
+def time_isolated(method: str, isolate: bool, **kw: Any) -> dict:
+    """:func:`time_method` in a fresh process of its own when ``isolate`` (so that the CPU peak memory, a
+    per-process figure, belongs to this method alone), else here."""
+    if not isolate:
+        return time_method(method, **kw)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(time_method, method, **kw).result()
 
 
 def _mb(b: int | None) -> str:
@@ -325,6 +346,9 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
+    from .registry import METHODS
+    from .runner import pick_device
+
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
         raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
@@ -335,11 +359,15 @@ def command(a) -> int:
     DATASETS.get(a.dataset)
     recs = []
     inference = table_inference()  # read configs/tables.yaml once for all methods
+    # CPU memory is measured per process: with several methods, each is timed in a process of its own (if a
+    # fresh process can find it: not a method registered by hand at run time)
+    isolate = len(methods) > 1 and pick_device(a.device).type == "cpu"
     for m in methods:
-        rec = time_method(m, a.dataset, samples=a.samples, images=a.images, profile=a.profile, device=a.device,
-                          untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
-                          table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype, compile=a.compile,
-                          results=a.results, protocol=a.protocol, data_root=a.data_root, inference=inference)
+        rec = time_isolated(m, isolate and METHODS.findable(m), dataset=a.dataset, samples=a.samples, images=a.images, profile=a.profile,
+                            device=a.device, untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
+                            table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype,
+                            compile=a.compile, results=a.results, protocol=a.protocol, data_root=a.data_root,
+                            inference=inference)
         print(f"{m}: median {rec['median_s']:.3f} s for {a.samples} samples -> {rec['path']}", file=sys.stderr)
         recs.append(rec)
     sys.stdout.write(report(recs))

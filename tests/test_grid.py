@@ -14,7 +14,7 @@ import yaml
 
 from amisbench import cli, grid
 from amisbench.errors import UserError
-from amisbench.registry import METHODS
+from amisbench.registry import METHODS, PLUGINS_ENV
 from amisbench.runner import RunSpec, prepare
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -180,7 +180,8 @@ def test_local_grid_killed_and_rerun_skips_finished_and_resumes(tmp_path, capsys
     """A 2-method x 2-seed smoke grid with 2 workers; killed (whole process group) after the first run
     finished; the same command again skips the finished runs and completes the rest."""
     site = _tiny_site(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PLUGINS)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PLUGINS)]),
+           PLUGINS_ENV: "amisbench,amisbench-tiny"}  # the project's own entry points and this test's plugin
     res = tmp_path / "res"
     cmd = [sys.executable, "-P", "-m", "amisbench.cli", "grid", "--method", "ssn,tiny", "--dataset", "synthetic",
            "--seeds", "2", "--profile", "smoke", "--launcher", "local", "--workers", "2", "--results", str(res)]

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +39,20 @@ def five(g16, g32, g100, hm, mdm):
 
 @pytest.fixture
 def table1_runs(tmp_path):
-    # ssn: 3 seeds; atfm: seeds 0 and 2 (seed 1 missing); ccdm: one failed run without run.json;
+    # LIDC (the dataset of the paper's Table 1); ssn: 3 seeds; atfm: seeds 0 and 2 (seed 1 missing); ccdm: one failed run without run.json;
     # prob_unet and the rest: no runs at all
     ssn = [five(0.30, 0.28, 0.26, 0.50, 0.70), five(0.32, 0.30, 0.27, 0.52, 0.71), five(0.34, 0.29, 0.25, 0.51, 0.72)]
     for s, m in enumerate(ssn):
-        fake_run(tmp_path, "ssn", s, m)
-    fake_run(tmp_path, "atfm", 0, five(0.20, 0.19, 0.16, 0.66, 0.94))
-    fake_run(tmp_path, "atfm", 2, five(0.22, 0.21, 0.18, 0.68, 0.96))
-    fake_run(tmp_path, "ccdm", 0, five(0.1, 0.1, 0.1, 0.9, 0.9), done=False)
+        fake_run(tmp_path, "ssn", s, m, dataset="lidc")
+    fake_run(tmp_path, "atfm", 0, five(0.20, 0.19, 0.16, 0.66, 0.94), dataset="lidc")
+    fake_run(tmp_path, "atfm", 2, five(0.22, 0.21, 0.18, 0.68, 0.96), dataset="lidc")
+    fake_run(tmp_path, "ccdm", 0, five(0.1, 0.1, 0.1, 0.9, 0.9), dataset="lidc", done=False)
     return tmp_path, ssn
 
 
 def test_table1_numbers_bold_seed_counts_and_rows_without_runs(table1_runs):
     root, ssn = table1_runs
-    t = build_table("1", root, dataset="synthetic")
+    t = build_table("1", root)
     assert t.rows == ["prob_unet", "phiseg", "ssn", "mose", "p2sam", "cimd", "analog_bits", "ccdm", "atfm"]
     mean, std, n = t.cells[("ssn", "GED_16")]
     assert mean == pytest.approx(0.32) and std == pytest.approx(np.std([0.30, 0.32, 0.34], ddof=1)) and n == 3
@@ -72,13 +73,14 @@ def test_table1_numbers_bold_seed_counts_and_rows_without_runs(table1_runs):
     assert "_seeds: ssn 0,1,2; atfm 0,2_" in md
     assert "1 unfinished or failed run(s) left out" in md
     # P2SAM runs only with a user-supplied SAM checkpoint: without runs its row says so
-    assert "not run (needs SAM weights) (paper: 0.208 ± 0.000)" in lines["p2sam (P2SAM)"]
-    assert "paper numbers" not in md and "Table 1 (lidc, not synthetic)" in md
+    assert "not run (profile paper needs your SAM weights) (paper: 0.208 ± 0.000)" in lines["p2sam (P2SAM)"]
+    assert md.startswith("**Table 1. LIDC-IDRI: ATFM and the baselines**")
+    assert "paper: Li et al." in md and "Table 1 (lidc)" in md
 
 
 def test_compare_paper_puts_ours_paper_and_difference_side_by_side(table1_runs):
     root, _ = table1_runs
-    t = build_table("1", root, dataset="synthetic", compare=True)
+    t = build_table("1", root, compare=True)
     md = to_markdown(t)
     head = [ln for ln in md.splitlines() if ln.startswith("| method")][0]
     assert head.count("| paper |") == 5 and head.count("| Δ |") == 5
@@ -105,7 +107,7 @@ def _latex_rows(tex):
 @pytest.mark.parametrize("compare", [False, True])
 def test_latex_is_balanced_with_one_row_per_method(table1_runs, compare):
     root, _ = table1_runs
-    t = build_table("1", root, dataset="synthetic", compare=compare)
+    t = build_table("1", root, compare=compare)
     tex = to_latex(t)
     assert tex.count(r"\begin{") == tex.count(r"\end{") == 2
     depth = 0
@@ -191,7 +193,7 @@ def test_csv_of_a_defined_table_keeps_rows_without_runs(table1_runs):
     import pandas as pd
 
     root, _ = table1_runs
-    df = pd.read_csv(io.StringIO(to_csv(build_table("1", root, dataset="synthetic"))))
+    df = pd.read_csv(io.StringIO(to_csv(build_table("1", root))))
     assert len(df) == 9 * 5
     row = df[(df.method == "prob_unet") & (df.metric == "GED_16")].iloc[0]
     assert row.status == "not run" and np.isnan(row["mean"]) and row.paper_mean == pytest.approx(0.310)
@@ -202,10 +204,10 @@ def test_csv_of_a_defined_table_keeps_rows_without_runs(table1_runs):
 def test_cli_table_modes_and_errors(table1_runs, capsys, tmp_path):
     root, _ = table1_runs
     out = tmp_path / "t1.tex"
-    assert cli.main(["table", "--table", "1", "--dataset", "synthetic", "--results", str(root), "--format", "latex",
+    assert cli.main(["table", "--table", "1", "--results", str(root), "--format", "latex",
                      "--compare-paper", "--out", str(out)]) == 0
     assert capsys.readouterr().out == out.read_text()
-    assert cli.main(["table", "--dataset", "synthetic", "--results", str(root), "--compare-paper"]) == 2
+    assert cli.main(["table", "--dataset", "lidc", "--results", str(root), "--compare-paper"]) == 2
     assert "--compare-paper needs --table" in capsys.readouterr().err
     assert cli.main(["table", "--table", "7", "--results", str(root)]) == 2
     assert "unknown table '7'; known: 1, 2, 3, 4" in capsys.readouterr().err
@@ -271,11 +273,14 @@ def test_definitions_are_checked(tmp_path):
         load_definitions(bad)
 
 
-def test_paper_numbers_ship_with_the_package_and_match_the_human_copy():
+def test_paper_numbers_ship_with_the_package_in_one_copy():
     data = paper_numbers()
     assert data["table1_lidc"]["rows"]["atfm"]["GED_100"] == [0.162, 0.002]
     packaged = (ROOT / "configs" / "paper" / "atfm_tables.yaml").read_text()
-    assert packaged == (ROOT / "results" / "paper" / "atfm_tables.yaml").read_text()
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
+    if tracked:  # a git checkout: no second copy of the numbers anywhere in the project
+        assert [f for f in tracked if f.endswith("atfm_tables.yaml")] == ["configs/paper/atfm_tables.yaml"]
+    assert not (ROOT / "results" / "paper").exists()
     # every row and column of the definitions exists in the paper's sections
     for d in load_definitions().values():
         rows = data[d.paper]["rows"]

@@ -6,7 +6,7 @@ import pytest
 
 from amisbench import cli
 from amisbench.errors import UserError
-from amisbench.tables import build, to_csv, to_markdown
+from amisbench.tables import build, to_csv, to_latex, to_markdown
 
 
 def fake_run(root, method, seed, metrics, dataset="synthetic", profile="quick", variant=None, done=True):
@@ -34,7 +34,8 @@ def test_mean_std_ddof1_seed_count_and_best(tmp_path, capsys):
     assert "**0.210 ± 0.014 (n=2)**" in md and "**0.520 ± 0.020 (n=3)**" in md
     assert "1 unfinished or failed run(s) left out" in md
     rows = to_csv(t).strip().splitlines()
-    assert rows[0] == "method,metric,mean,std,n,best" and len(rows) == 5
+    assert rows[0] == "method,metric,mean,std,n,best,reference,text" and len(rows) == 5
+    assert "0.210 ± 0.014 (n=2)" in to_csv(t)
     assert cli.main(["table", "--dataset", "synthetic", "--results", str(tmp_path), "--format", "latex"]) == 0
     tex = capsys.readouterr().out
     assert tex.count(r"\\") == 3 and r"\textbf{0.210}" in tex  # header + one row per method
@@ -44,7 +45,9 @@ def test_single_seed_has_no_std(tmp_path):
     fake_run(tmp_path, "ssn", 0, {"GED_100": 0.3})
     t = build(tmp_path, "synthetic")
     assert math.isnan(t.cells[("ssn", "GED_100")][1])
-    assert "0.300 ± n/a (n=1)" in to_markdown(t)
+    md = to_markdown(t)
+    assert "| 0.300 (n=1) |" in md and "n/a" not in md
+    assert r"0.300 {\scriptsize ($n$=1)}" in to_latex(t) and "n/a" not in to_latex(t)
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
