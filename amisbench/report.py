@@ -278,7 +278,7 @@ def table_html(t: Table) -> str:
             cells.append(f'<td{bold} data-v="{mean!r}"><span class="v">{esc(ours)}</span>{below}</td>')
         body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in t.notes)
-    return (f"<h3>{esc(t.title)}</h3>" + '<div class="wide"><table class="sortable"><thead><tr>' + "".join(head)
+    return (f"<h3>{esc((f'Table {t.number}. ' if t.number else '') + t.title)}</h3>" + '<div class="wide"><table class="sortable"><thead><tr>' + "".join(head)
             + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>" + notes)
 
 
