@@ -412,19 +412,46 @@ def test_unbiased_needs_two_members():
     assert not math.isnan(ged(s[0], y[0]))
 
 
-def test_float64_count_path_and_chunking(monkeypatch):
-    """Force the float64 matmul (used beyond 2**24 pixels) and tiny chunks: same numbers."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_float64_count_path_and_groups(monkeypatch, amx):
+    """Force the float64 sums (used beyond 2**24 pixels), one image per group and either product dtype
+    (bfloat16 chunks as on AMX CPUs, float32 elsewhere): the same numbers."""
     s, y = random_sets(17, 10, 4, 12, 12, 0.3, 0.25, batch=5)
     ts, ty = torch.from_numpy(s), torch.from_numpy(y)
     want = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
     want_pair = pairwise_iou(s, y)
+    monkeypatch.setattr(metrics, "_HAS_AMX", amx)
     monkeypatch.setattr(metrics, "_FLOAT32_EXACT_PIXELS", 10)
-    monkeypatch.setattr(metrics, "_CHUNK_BYTES", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(metrics, "_GROUP_BYTES", {False: 1, True: 1})
     assert metrics._matmul_dtype(144) == torch.float64
     got = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
     for key in want:
-        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-14)
-    assert np.allclose(pairwise_iou(s, y), want_pair, rtol=0, atol=1e-15)
+        assert torch.equal(got[key], want[key]), key
+    assert np.array_equal(pairwise_iou(s, y), want_pair)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("hw", [(5, 100), (40, 300), (3, 257), (64, 17), (1, 1), (200, 3)])
+def test_counts_on_windows_are_exact(monkeypatch, amx, hw):
+    """The counts come from each image's window of set pixels, in chunks of whole rows of <= 256 pixels:
+    windows wider than a chunk (counted whole), images too short for whole-row chunks (the last chunk
+    takes the rest), one-pixel and very tall windows give the integer counts of a plain loop."""
+    monkeypatch.setattr(metrics, "_HAS_AMX", amx)
+    rng = np.random.default_rng(hw[0] * 1000 + hw[1])
+    s = rng.random((3, 5, *hw)) < 0.4
+    y = rng.random((3, 2, *hw)) < 0.4
+    s[1] = False  # image 1: the samples are empty, the window is the readers'
+    y[2] = False
+    s[2, :, :, : hw[1] // 2] = False  # image 2: a window in the right half only
+    inter, areas = metrics._counts([torch.from_numpy(s), torch.from_numpy(y)])
+    flat = np.concatenate([s, y], axis=1).reshape(3, 7, -1).astype(np.int64)
+    assert np.array_equal(inter.numpy(), flat @ flat.transpose(0, 2, 1))
+    assert np.array_equal(areas.numpy(), flat.sum(-1))
+    cross, area_cross = metrics._counts([torch.from_numpy(s), torch.from_numpy(y)], split=5)
+    assert np.array_equal(cross.numpy(), (flat[:, :5] @ flat[:, 5:].transpose(0, 2, 1)))
+    assert np.array_equal(area_cross.numpy(), flat.sum(-1))
+    none = metrics._counts([torch.zeros(2, 3, *hw, dtype=torch.bool)])[0]
+    assert none.shape == (2, 3, 3) and not none.any()
 
 
 @pytest.mark.parametrize("fill", ["empty", "full"])
