@@ -74,6 +74,11 @@ def build_parser() -> Parser:
                    help="override a config value, e.g. --set train.main.steps=100 --set method.rank=5")
     p.add_argument("--force", action="store_true", help="delete and rerun finished or partial runs")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores free now: usable cores minus the load average, "
+                   "at least 1, so that a busy machine is not oversubscribed)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip the timed warm-up that prints the expected training and evaluation time first")
 
     for name, modname in COMMAND_MODULES.items():  # table, timing, figures, grid: each module owns its flags
         mod = importlib.import_module(modname)
@@ -235,16 +240,25 @@ def _aligned(rows: list[tuple[str, str]]) -> list[str]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    import torch
+
+    from .pace import default_threads, describe_threads
     from .runner import Reporter, RunFailed, RunSpec, prepare, run_spec
 
     o, origin = run_options(a)
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads {a.threads}: expected a positive number of threads")
     specs = [RunSpec(o["method"], o["dataset"], s, o["profile"], o["variant"], o["sets"], o["device"], o["results"],
-                     a.force, o["data_root"], o["protocol"], o["tag"], o["set_labels"]) for s in o["seeds"]]
+                     a.force, o["data_root"], o["protocol"], o["tag"], o["set_labels"], estimate=a.estimate)
+             for s in o["seeds"]]
     prepared = [prepare(spec) for spec in specs]  # validate every seed's config before anything is written
     if a.print_config:
         print_config(prepared[0][0], [folder for _, folder in prepared], o, origin)
         return 0
+    threads = a.threads if a.threads is not None else default_threads()
+    torch.set_num_threads(threads)
     rep = Reporter(a.quiet)
+    rep.line(describe_threads(threads, a.threads is not None))
     failed = []
     for spec in specs:
         try:

@@ -27,10 +27,11 @@ import torch
 from . import __version__
 from .config import Resolved, StageConfig, check_values, resolve
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, sample_items
 from .loggers import check_tensorboard, open_logger
+from .pace import Pace, duration, estimate
 from .registry import DATASETS, METHODS
-from .seeding import derive_seed
+from .seeding import derive_seed, generator
 from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
                     clean_temporaries, finished_hash, is_done, load_torch, read_run_info, run_dir, save_torch,
                     write_json, write_yaml)
@@ -71,6 +72,8 @@ class Reporter:
 
     def start(self, label: str, total: int, done: int = 0) -> None:
         self._label, self._total, self._last = label, total, -1
+        self._pace = Pace()
+        self._pace.start(done)
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -84,7 +87,9 @@ class Reporter:
             self._progress.update(self._task, completed=done, info=info)
         elif not self.quiet and (done == self._total or done % max(1, every) == 0) and done != self._last:
             self._last = done
-            print(f"{self._label} {done}/{self._total} {info}".rstrip(), file=sys.stderr, flush=True)
+            eta = self._pace.eta(done, self._total) if done < self._total else None
+            tail = f" eta {duration(eta)}" if eta is not None else ""
+            print(f"{self._label} {done}/{self._total} {info}".rstrip() + tail, file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -159,6 +164,25 @@ def collate(dataset: Any, idx: list[int], device: torch.device, aug_seed: tuple 
     return torch.stack(images).to(device).float(), torch.stack(masks).to(device).float()
 
 
+def forward(model: Any, stage: str, sc: StageConfig, dev: torch.device, images: torch.Tensor,
+            masks: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch (float32), under bf16 autocast when the stage asks for it on CUDA."""
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sc.amp and dev.type == "cuda"):
+        loss, logs = model.loss(stage, images, masks)
+    return loss.float(), logs
+
+
+def update(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched: Any,
+           sc: StageConfig) -> float | None:
+    """One optimizer step on ``loss`` (gradient clipping if set); returns the gradient norm if clipped."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, sc.grad_clip)) if sc.grad_clip else None
+    opt.step()
+    sched.step()
+    return gnorm
+
+
 def git_info() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -173,7 +197,8 @@ def git_info() -> dict[str, Any]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "amisbench": __version__, "platform": platform.platform(), "device": str(device)}
+           "amisbench": __version__, "platform": platform.platform(), "device": str(device),
+           "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
@@ -227,6 +252,7 @@ class RunSpec:
     protocol: str | None = None
     tag: str | None = None  # the run folder is <method>[-<variant>]+<tag>: a changed setting beside the others
     set_labels: list[str] | None = None  # where each of ``sets`` came from (default --set), for --print-config
+    estimate: bool = True  # time a short warm-up and print the expected time before training (not quiet)
 
 
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,-]*")
@@ -391,6 +417,12 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         rep.line(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                  f"stages {', '.join(f'{s}={budgets[s]} steps' for s in mcls.stages)}")
 
+    if spec.estimate and not rep.quiet:
+        left = {s: 0 if s in done_stages else budgets[s] - (state["step"] if state and state["stage"] == s else 0)
+                for s in mcls.stages}
+        for text in pre_estimate(model, mcls.stages, left, cfg, train_ds, eval_ds, dev, spec.seed):
+            rep.line(f"{name}: {text}")
+
     def checkpoint(stage: str, step: int, opt, sched, ema, extra_time: float) -> None:
         save_torch(ckpt_path, {
             "config_hash": chash, "model": model.state_dict(), "stage": stage, "step": step,
@@ -439,21 +471,13 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                 model.train()
                 idx = batch_indices(spec.seed, stage, step, len(train_ds), sc.batch_size)
                 images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step))
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=sc.amp and dev.type == "cuda"):
-                    loss, logs = model.loss(stage, images, masks)
-                loss = loss.float()
+                loss, logs = forward(model, stage, sc, dev, images, masks)
                 if not torch.isfinite(loss):
                     raise RunFailed(
                         f"training diverged: the {stage} loss is {float(loss.detach())} at step {step + 1} of "
                         f"{spec.method} on {spec.dataset} (seed {spec.seed}); lower train.{stage}.lr "
                         f"(now {sc.lr:g}) or set train.{stage}.grad_clip; the last checkpoint is kept")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = None
-                if sc.grad_clip:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, sc.grad_clip))
-                opt.step()
-                sched.step()
+                gnorm = update(loss, params, opt, sched, sc)
                 if ema is not None:
                     with torch.no_grad():
                         for i, p in enumerate(params):
@@ -519,6 +543,37 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     summary = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "n_images")
     rep.line(f"{name}: {summary}")
     return folder
+
+
+def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int], cfg: Any, train_ds: Any,
+                 eval_ds: Any, dev: torch.device, seed: int) -> list[str]:
+    """The estimate lines printed before training (:func:`amisbench.pace.estimate` with this runner's training
+    step and the evaluator's sampling call); the run itself is unchanged by it."""
+    optimisers: dict[str, tuple] = {}
+
+    def train_step(twin: torch.nn.Module, stage: str, k: int) -> None:
+        sc = cfg.train[stage]
+        if k < 0:
+            params = [p for p in twin.trainable(stage) if p.requires_grad]
+            opt = make_optimizer(params, sc)
+            optimisers[stage] = (params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, left[stage])))
+            return
+        params, opt, sched = optimisers[stage]
+        images, masks = collate(train_ds, batch_indices(seed, stage, k, len(train_ds), sc.batch_size), dev,
+                                (seed, stage, k))
+        update(forward(twin, stage, cfg.train[stage], dev, images, masks)[0], params, opt, sched, sc)
+
+    n_eval = min(len(eval_ds), cfg.eval.max_images or len(eval_ds))
+
+    def eval_call(twin: torch.nn.Module, k: int) -> None:
+        idx = list(range(k))
+        images = torch.stack([eval_ds[i]["image"] for i in idx]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.eval.amp and dev.type == "cuda"):
+            sample_items(twin, eval_ds, idx, images, cfg.eval.n_samples, generator=generator(dev, "estimate", seed))
+
+    est = estimate(model, list(stages), left, train_step=train_step, eval_call=eval_call, eval_images=n_eval,
+                   eval_batch=max(1, cfg.eval.batch_images), device=dev)
+    return est.lines(cfg.eval.n_samples)
 
 
 def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Any, Resolved]:

@@ -1,0 +1,99 @@
+"""Threads from the free cores, the timed estimate before training, and ETAs on plain progress lines."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from amisbench import cli, pace
+from amisbench.runner import Reporter, RunSpec, run_spec
+
+
+@pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.2, 1), (2, 9.0, 1),
+                                                (16, 3.4, 13), (16, 0.0, 16), (1, 0.0, 1), (8, None, 8)])
+def test_default_threads_leave_the_busy_cores(monkeypatch, cores, load, want):
+    monkeypatch.setattr(pace, "load_average", lambda: None)  # load=None below: an unknown load is idle
+    assert pace.default_threads(cores, load) == want
+
+
+def test_usable_cores_follow_affinity(monkeypatch):
+    monkeypatch.setattr(pace.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert 1 <= pace.usable_cores() <= 3
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (42, "42s"), (185, "3m05s"), (7620, "2h07m"),
+                                           (3 * 86400 + 4 * 3600 + 59, "3d04h"), (float("inf"), "?"), (-1, "?")])
+def test_duration(seconds, text):
+    assert pace.duration(seconds) == text
+
+
+def test_pace_eta_from_the_rate_since_start():
+    now = [100.0]
+    p = pace.Pace(clock=lambda: now[0])
+    p.start(done=10)  # resumed at step 10: the rate counts only the steps of this process
+    assert p.eta(10, 110) is None
+    now[0] += 20.0
+    assert p.eta(20, 110) == pytest.approx(180.0)  # 10 steps in 20 s, 90 left
+
+
+def test_plain_progress_lines_carry_an_eta(capsys):
+    rep = Reporter()
+    rep.tty = False
+    rep.start("main", 4)
+    for step in range(1, 5):
+        torch.ones(1000, 1000).sum()  # some time passes
+        rep.update(step, "loss 1.0")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"main 1/4 loss 1\.0 eta \d+s", lines[0])
+    assert lines[-1] == "main 4/4 loss 1.0"  # finished: no ETA
+
+
+def test_estimate_is_printed_and_leaves_the_run_unchanged(tmp_path, capsys):
+    """The warm-up runs on a copy with the random state restored: same metrics and losses as without it."""
+    folders = {}
+    for est in (True, False):
+        spec = RunSpec("ssn", "synthetic", 0, "smoke", results=tmp_path / str(est), estimate=est)
+        folders[est] = run_spec(spec, Reporter())
+        err = capsys.readouterr().err
+        assert ("estimate: training" in err) == est and ("estimate: evaluation" in err) == est
+    m = [json.loads((folders[e] / "metrics.json").read_text()) for e in (True, False)]
+    assert m[0] == m[1]
+    logs = [(folders[e] / "train_log.csv").read_text().splitlines() for e in (True, False)]
+    assert [r.split(",")[:4] for r in logs[0]] == [r.split(",")[:4] for r in logs[1]]  # time_s aside
+
+
+def test_estimate_scales_the_timed_steps():
+    calls = []
+
+    class Twin(torch.nn.Module):
+        def on_stage_start(self, stage):
+            calls.append(("start", stage))
+
+    est = pace.estimate(Twin(), ["a", "b", "c"], {"a": 0, "b": 100, "c": 10},
+                        train_step=lambda m, s, k: calls.append((s, k)),
+                        eval_call=lambda m, k: calls.append(("eval", k)), eval_images=10, eval_batch=4,
+                        device=torch.device("cpu"), warmup_steps=2)
+    assert [c for c in calls if c[0] == "start"] == [("start", "a"), ("start", "b"), ("start", "c")]
+    assert ("a", 0) not in calls and [c for c in calls if c[0] == "b"] == [("b", -1), ("b", 0), ("b", 1), ("b", 2)]
+    assert set(est.step_s) == {"b", "c"} and est.timed_images == 4
+    assert est.train_s == pytest.approx(100 * est.step_s["b"] + 10 * est.step_s["c"])
+    assert est.eval_s is not None and "estimate: evaluation" in "\n".join(est.lines(100))
+
+
+def test_cli_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["run", "--method", "unet", "--dataset", "synthetic", "--profile", "smoke", "--threads", "0",
+                         "--results", str(tmp_path)]) == 2
+        assert "--threads 0: expected a positive number of threads" in capsys.readouterr().err
+        assert not any(tmp_path.iterdir())
+        assert cli.main(["run", "--method", "unet", "--dataset", "synthetic", "--profile", "smoke", "--threads", "1",
+                         "--no-estimate", "--results", str(tmp_path)]) == 0
+        err = capsys.readouterr().err
+        assert "torch threads: 1 (set by --threads" in err and "estimate:" not in err
+        assert torch.get_num_threads() == 1
+        info = json.loads(next(tmp_path.rglob("run.json")).read_text())
+        assert info["env"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
