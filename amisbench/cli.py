@@ -243,7 +243,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
     from .pace import default_threads, describe_threads
-    from .runner import Reporter, RunFailed, RunSpec, prepare, run_spec
+    from .runner import Reporter, RunFailed, RunSpec, pick_device, prepare, run_spec
 
     o, origin = run_options(a)
     if a.threads is not None and a.threads < 1:
@@ -255,6 +255,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.print_config:
         print_config(prepared[0][0], [folder for _, folder in prepared], o, origin)
         return 0
+    pick_device(o["device"])
     threads = a.threads if a.threads is not None else default_threads()
     torch.set_num_threads(threads)
     rep = Reporter(a.quiet)

@@ -545,10 +545,9 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     return folder
 
 
-def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int], cfg: Any, train_ds: Any,
-                 eval_ds: Any, dev: torch.device, seed: int) -> list[str]:
-    """The estimate lines printed before training (:func:`amisbench.pace.estimate` with this runner's training
-    step and the evaluator's sampling call); the run itself is unchanged by it."""
+def warmup_step(cfg: Any, train_ds: Any, dev: torch.device, seed: int, left: dict[str, int]):
+    """A ``train_step(model, stage, k)`` for :func:`amisbench.pace.estimate`: this runner's training step
+    (batch ``k`` of ``stage``, loss, optimizer step); ``k = -1`` builds the stage's optimizer."""
     optimisers: dict[str, tuple] = {}
 
     def train_step(twin: torch.nn.Module, stage: str, k: int) -> None:
@@ -556,13 +555,21 @@ def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int]
         if k < 0:
             params = [p for p in twin.trainable(stage) if p.requires_grad]
             opt = make_optimizer(params, sc)
-            optimisers[stage] = (params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, left[stage])))
+            total = max(1, left.get(stage, 1))
+            optimisers[stage] = (params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, total)))
             return
         params, opt, sched = optimisers[stage]
         images, masks = collate(train_ds, batch_indices(seed, stage, k, len(train_ds), sc.batch_size), dev,
                                 (seed, stage, k))
-        update(forward(twin, stage, cfg.train[stage], dev, images, masks)[0], params, opt, sched, sc)
+        update(forward(twin, stage, sc, dev, images, masks)[0], params, opt, sched, sc)
 
+    return train_step
+
+
+def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int], cfg: Any, train_ds: Any,
+                 eval_ds: Any, dev: torch.device, seed: int) -> list[str]:
+    """The estimate lines printed before training (:func:`amisbench.pace.estimate` with this runner's training
+    step and the evaluator's sampling call); the run itself is unchanged by it."""
     n_eval = min(len(eval_ds), cfg.eval.max_images or len(eval_ds))
 
     def eval_call(twin: torch.nn.Module, k: int) -> None:
@@ -571,8 +578,8 @@ def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.eval.amp and dev.type == "cuda"):
             sample_items(twin, eval_ds, idx, images, cfg.eval.n_samples, generator=generator(dev, "estimate", seed))
 
-    est = estimate(model, list(stages), left, train_step=train_step, eval_call=eval_call, eval_images=n_eval,
-                   eval_batch=max(1, cfg.eval.batch_images), device=dev)
+    est = estimate(model, list(stages), left, train_step=warmup_step(cfg, train_ds, dev, seed, left),
+                   eval_call=eval_call, eval_images=n_eval, eval_batch=max(1, cfg.eval.batch_images), device=dev)
     return est.lines(cfg.eval.n_samples)
 
 

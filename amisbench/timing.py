@@ -312,6 +312,121 @@ def report(recs: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --compare release_loop: our sampler and the release's one-at-a-time loop, in one command
+# ----------------------------------------------------------------------------------------------------
+
+#: How a release draws its samples, where the method has a switch for it: ATFM's release test script runs
+#: one GTR pass per image, then the Euler steps of one sample at a time (``sampler: release_loop``).
+RELEASE_LOOP: dict[str, list[str]] = {"atfm": ["method.sampler=release_loop"]}
+
+
+def release_loop_settings(method: str, dataset: str, profile: str, variant: str | None = None) -> tuple[list[str], str]:
+    """The sampler settings that draw like the release (``RELEASE_LOOP``), or, for a method that samples in
+    chunks, one sample per network call (``method.sample_chunk=1``); with a label saying which."""
+    from .config import resolve
+
+    if method in RELEASE_LOOP:
+        return list(RELEASE_LOOP[method]), "the release's loop"
+    if hasattr(resolve(method, dataset, profile, variant).cfg.method, "sample_chunk"):
+        return ["method.sample_chunk=1"], "one sample per call"
+    raise UserError(f"--compare release_loop: {method} has no release-loop switch (method.sampler) and no "
+                    "method.sample_chunk to draw one sample at a time")
+
+
+def paper_seconds() -> dict[str, float]:
+    """Table 3's seconds for 100 samples of one LIDC image (the paper's RTX 3090), per method."""
+    from .tables import paper_numbers
+
+    rows = (paper_numbers().get("table3_timing_lidc") or {}).get("rows") or {}
+    return {m: float(r["seconds_100_samples"]) for m, r in rows.items() if "seconds_100_samples" in r}
+
+
+def compare_report(pairs: list[tuple[dict, dict, str]]) -> str:
+    """Our sampler beside the release's loop on the same device and dtype, with Table 3's seconds."""
+    paper = paper_seconds()
+    lines = ["| method | ours median s | release loop median s | loop / ours | release loop as | "
+             "Table 3 s (paper, RTX 3090) | Table 3 / ours | device | dtype |", "|" + "---|" * 9]
+    for ours, loop, how in pairs:
+        ratio = loop["median_s"] / ours["median_s"] if ours["median_s"] > 0 else float("nan")
+        p = paper.get(ours["method"])
+        paper_s, paper_ratio = ("–", "–") if p is None else (f"{p:g}", f"{p / ours['median_s']:.0f}x")
+        extra = " ".join(loop["sets"][len(ours["sets"]):])
+        lines.append(f"| {ours['label']} | {ours['median_s']:.3f} | {loop['median_s']:.3f} | {ratio:.1f}x | {how} "
+                     f"({extra}) | {paper_s} | {paper_ratio} | {ours['device_name']} | {ours['dtype']} |")
+    lines.append(f"_both timed in this command by the Table 3 protocol (median over {pairs[0][0]['images']} images, "
+                 f"{pairs[0][0]['samples']} samples each); torch {pairs[0][0]['torch']}_")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# --train: training steps per second of each stage, with and without bf16 autocast
+# ----------------------------------------------------------------------------------------------------
+
+def time_training(method: str, dataset: str, *, profile: str = "quick", device: str = "cpu", steps: int = 5,
+                  variant: str | None = None, sets: list[str] | None = None, seed: int = 0,
+                  data_root: str | None = None, protocol: str | None = None) -> list[dict]:
+    """Seconds per training step of every stage of ``method`` (untrained weights, the runner's step: batch,
+    loss, backward, optimizer), in float32 and, on CUDA, under bfloat16 autocast (``train.<stage>.amp``).
+
+    Returns:
+        One record per stage and dtype: method, stage, batch_size, dtype, step_s, steps_per_s, device, torch.
+    """
+    import copy
+
+    from .pace import estimate
+    from .registry import DATASETS, METHODS
+    from .runner import RunSpec, pick_device, prepare, stage_steps, warmup_step
+    from .seeding import derive_seed
+
+    if steps < 1:
+        raise UserError(f"--steps {steps}: expected at least one timed step per stage")
+    dev = pick_device(device)
+    res, _ = prepare(RunSpec(method, dataset, seed, profile, variant, list(sets or []), str(dev), None, False,
+                             data_root, protocol))
+    mcls = METHODS.get(method)
+    train_ds = DATASETS.get(dataset)(res.cfg.dataset, "train")
+    torch.manual_seed(derive_seed("init", seed))
+    model = mcls(res.cfg.method, train_ds.spec).to(dev)
+    left = {s: stage_steps(sc, len(train_ds), f"train.{s}") for s, sc in res.cfg.train.items()}
+    out = []
+    for amp in ([False, True] if dev.type == "cuda" else [False]):
+        cfg = copy.deepcopy(res.cfg)
+        for sc in cfg.train.values():
+            sc.amp = amp
+        est = estimate(model, list(mcls.stages), left, train_step=warmup_step(cfg, train_ds, dev, seed, left),
+                       eval_call=None, eval_images=0, eval_batch=1, device=dev, warmup_steps=steps,
+                       budget_s=float("inf"))
+        for stage, sec in est.step_s.items():
+            out.append({"method": method, "label": method + (f"-{variant}" if variant else ""), "stage": stage,
+                        "batch_size": cfg.train[stage].batch_size, "dtype": "autocast bfloat16" if amp else "float32",
+                        "step_s": sec, "steps_per_s": 1.0 / sec if sec > 0 else float("inf"), "steps": steps,
+                        "stage_steps": left[stage], "profile": profile, "device_name": device_name(dev),
+                        "torch": torch.__version__,
+                        "parameters": sum(p.numel() for p in model.parameters())})
+    return out
+
+
+def train_report(recs: list[dict]) -> str:
+    lines = ["| method | stage | batch | steps/s float32 | steps/s bf16 autocast | bf16 / fp32 | stage steps | "
+             "stage time fp32 | device | torch |", "|" + "---|" * 10]
+    from .pace import duration
+
+    keyed = {(r["label"], r["stage"], r["dtype"]): r for r in recs}
+    for r in recs:
+        if r["dtype"] != "float32":
+            continue
+        bf = keyed.get((r["label"], r["stage"], "autocast bfloat16"))
+        bf_s, bf_ratio = ("–", "–") if bf is None else (f"{bf['steps_per_s']:.2f}",
+                                                        f"{bf['steps_per_s'] / r['steps_per_s']:.2f}x")
+        lines.append(f"| {r['label']} | {r['stage']} | {r['batch_size']} | {r['steps_per_s']:.2f} | {bf_s} | "
+                     f"{bf_ratio} | {r['stage_steps']} | {duration(r['stage_steps'] * r['step_s'])} | "
+                     f"{r['device_name']} | {r['torch']} |")
+    lines.append(f"_median of {recs[0]['steps']} timed steps per stage after one untimed step, untrained weights, "
+                 f"profile {recs[0]['profile']}; bf16 autocast only on CUDA (the runner ignores it on CPU)_")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
@@ -342,6 +457,14 @@ def configure_parser(p) -> None:
     p.add_argument("--data-root", default=None, help="prepared dataset folder (sets dataset.root)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sampler setting, e.g. --set method.sample_chunk=100")
+    p.add_argument("--compare", choices=["release_loop"], default=None,
+                   help="also time the release's way of sampling (ATFM: one sample at a time after one GTR pass "
+                   "per image; methods with method.sample_chunk: one sample per call) on the same device and "
+                   "dtype, and print the ratio beside Table 3's seconds")
+    p.add_argument("--train", action="store_true",
+                   help="time training instead: steps per second of each stage (float32 and, on CUDA, bf16 "
+                   "autocast) of an untrained model; --steps timed steps per stage")
+    p.add_argument("--steps", type=int, default=5, help="with --train: timed steps per stage (default 5)")
     add_results_option(p)
 
 
@@ -357,18 +480,33 @@ def command(a) -> int:
     for m in methods:  # every name before timing anything
         METHODS.get(m)
     DATASETS.get(a.dataset)
-    recs = []
+    if a.train:
+        recs = []
+        for m in methods:
+            recs += time_training(m, a.dataset, profile=a.profile, device=a.device, steps=a.steps, variant=a.variant,
+                                  sets=a.sets, seed=a.seed, data_root=a.data_root, protocol=a.protocol)
+        sys.stdout.write(train_report(recs))
+        return 0
+    loops = {m: release_loop_settings(m, a.dataset, a.profile, a.variant) for m in methods} if a.compare else {}
+    recs, pairs = [], []
     inference = table_inference()  # read configs/tables.yaml once for all methods
     # CPU memory is measured per process: with several methods, each is timed in a process of its own (if a
     # fresh process can find it: not a method registered by hand at run time)
     isolate = len(methods) > 1 and pick_device(a.device).type == "cpu"
     for m in methods:
-        rec = time_isolated(m, isolate and METHODS.findable(m), dataset=a.dataset, samples=a.samples, images=a.images, profile=a.profile,
-                            device=a.device, untrained=a.untrained, seed=a.seed, variant=a.variant, sets=a.sets,
-                            table_settings=not a.profile_settings, warmup=a.warmup, dtype=a.dtype,
-                            compile=a.compile, results=a.results, protocol=a.protocol, data_root=a.data_root,
-                            inference=inference)
+        kw = dict(dataset=a.dataset, samples=a.samples, images=a.images, profile=a.profile, device=a.device,
+                  untrained=a.untrained, seed=a.seed, variant=a.variant, table_settings=not a.profile_settings,
+                  warmup=a.warmup, dtype=a.dtype, compile=a.compile, results=a.results, protocol=a.protocol,
+                  data_root=a.data_root, inference=inference)
+        own = isolate and METHODS.findable(m)
+        rec = time_isolated(m, own, sets=a.sets, **kw)
         print(f"{m}: median {rec['median_s']:.3f} s for {a.samples} samples -> {rec['path']}", file=sys.stderr)
         recs.append(rec)
+        if m in loops:
+            loop = time_isolated(m, own, sets=[*a.sets, *loops[m][0]], save=False, **kw)
+            print(f"{m} ({loops[m][1]}): median {loop['median_s']:.3f} s for {a.samples} samples", file=sys.stderr)
+            pairs.append((rec, loop, loops[m][1]))
     sys.stdout.write(report(recs))
+    if pairs:
+        sys.stdout.write("\n" + compare_report(pairs))
     return 0

@@ -6,13 +6,7 @@
 # 3. With QUICK=1: quick-profile runs of the methods in QUICK_METHODS (seeds 0..2) and their tables.
 set -u
 OUT=${OUT:-/tmp/device_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e . >/dev/null
-# a missing pure dependency can travel as a wheel in .whl/ (see the device README)
-python -c "import yaml" 2>/dev/null || { python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; }
-amisbench() { python -P -m amisbench.cli "$@"; }
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+. scripts/device_setup.sh
 R=$OUT/runs
 ( python -m pytest -q -p no:cacheprovider tests/test_metrics.py -k "cuda or CUDA" > "$OUT/pytest_cuda.txt" 2>&1 ) &
 for m in $(amisbench methods | awk '{print $1}'); do

@@ -132,3 +132,50 @@ def test_cli_prints_the_table_and_the_ratio_note(tmp_path, capsys, slowfake):
     assert cli.main(["timing", "--method", "ssn", "--dataset", "synthetic", "--samples", "0", "--untrained",
                      "--results", str(tmp_path)]) == 2
     assert "expected samples >= 1" in capsys.readouterr().err
+
+
+def test_compare_release_loop_times_both_samplers_in_one_command(tmp_path, capsys, monkeypatch):
+    """ATFM's release loop is its `sampler: release_loop`; the ratio and Table 3's seconds are printed, and
+    only our sampler's record is written."""
+    seen, medians = [], []
+    real = timing.time_method
+
+    def spy(method, dataset, **kw):
+        seen.append((method, list(kw["sets"]), kw["save"] if "save" in kw else True))
+        rec = real(method, dataset, **kw)
+        medians.append(rec["median_s"])
+        return rec
+
+    monkeypatch.setattr(timing, "time_method", spy)
+    rc = cli.main(["timing", "--method", "atfm", "--dataset", "synthetic", "--profile", "smoke", "--untrained",
+                   "--images", "1", "--samples", "2", "--compare", "release_loop", "--results", str(tmp_path)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert seen == [("atfm", [], True), ("atfm", ["method.sampler=release_loop"], False)]
+    row = next(ln for ln in out.out.splitlines() if ln.startswith("| atfm |") and "release_loop" in ln)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{medians[1] / medians[0]:.1f}x" and cells[2] == f"{medians[1]:.3f}"
+    assert cells[5] == f"{timing.paper_seconds()['atfm']:g}" == "113"
+    assert [p.name for p in (tmp_path / "timing" / "cpu").iterdir()] == ["synthetic__atfm.json"]
+
+
+def test_release_loop_settings():
+    assert timing.release_loop_settings("atfm", "synthetic", "smoke") == (["method.sampler=release_loop"],
+                                                                          "the release's loop")
+    assert timing.release_loop_settings("ccdm", "synthetic", "smoke")[0] == ["method.sample_chunk=1"]
+    with pytest.raises(UserError, match="ssn has no release-loop switch"):
+        timing.release_loop_settings("ssn", "synthetic", "smoke")
+
+
+def test_train_steps_per_second_of_every_stage(capsys):
+    assert cli.main(["timing", "--method", "atfm", "--dataset", "synthetic", "--profile", "smoke", "--train",
+                     "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| atfm |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["gtr", "sfm"]
+    assert all(float(r.split("|")[4]) > 0 and r.split("|")[5].strip() == "–" for r in rows)  # no bf16 on CPU
+    recs = timing.time_training("ssn", "synthetic", profile="smoke", steps=2)
+    assert [(r["stage"], r["dtype"], r["batch_size"]) for r in recs] == [("main", "float32", recs[0]["batch_size"])]
+    assert recs[0]["steps_per_s"] == pytest.approx(1 / recs[0]["step_s"])
+    with pytest.raises(UserError, match="--steps 0"):
+        timing.time_training("ssn", "synthetic", profile="smoke", steps=0)
