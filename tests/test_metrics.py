@@ -430,13 +430,15 @@ def test_float64_count_path_and_groups(monkeypatch, amx):
     assert np.array_equal(pairwise_iou(s, y), want_pair)
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("amx, numpy_copies", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("hw", [(5, 100), (40, 300), (3, 257), (64, 17), (1, 1), (200, 3)])
-def test_counts_on_windows_are_exact(monkeypatch, amx, hw):
+def test_counts_on_windows_are_exact(monkeypatch, amx, numpy_copies, hw):
     """The counts come from each image's window of set pixels, in chunks of whole rows of <= 256 pixels:
     windows wider than a chunk (counted whole), images too short for whole-row chunks (the last chunk
-    takes the rest), one-pixel and very tall windows give the integer counts of a plain loop."""
+    takes the rest), one-pixel and very tall windows give the integer counts of a plain loop; with numpy's
+    copies (CPU) and with torch's (the CUDA code path)."""
     monkeypatch.setattr(metrics, "_HAS_AMX", amx)
+    monkeypatch.setattr(metrics, "_NUMPY_COPIES", numpy_copies)
     rng = np.random.default_rng(hw[0] * 1000 + hw[1])
     s = rng.random((3, 5, *hw)) < 0.4
     y = rng.random((3, 2, *hw)) < 0.4
