@@ -394,43 +394,37 @@ def _fill(x: Any, sources: Sequence[Any], b: int, box: tuple[int, int, int, int]
         offset += k
 
 
-def _counts(parts: Sequence[torch.Tensor], split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact intersection counts of the masks of every image, on the window that holds its set pixels.
+def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exact intersection counts of every pair of masks of each image, on the window of its set pixels.
 
     Each image's window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K,
-    256)`` for all images together, and one batched product counts every chunk; the chunk counts summed
-    per image are the exact counts. A count over at most 256 pixels is an integer that bfloat16 holds
-    exactly whatever the accumulation, so on CPUs with AMX tiles (:func:`_bf16_products`) the product
-    runs in bfloat16, elsewhere in float32. A window wider than 256 pixels is counted on its own in
-    float32 (float64 beyond 2**24 pixels).
+    256)`` for a group of images, and one batched product counts every chunk; the chunk counts summed per
+    image are the exact counts. A count over at most 256 pixels is an integer that bfloat16 holds exactly
+    whatever the accumulation, so on CPUs with AMX tiles (:func:`_bf16_products`) the product runs in
+    bfloat16, elsewhere in float32. A window wider than 256 pixels is counted on its own in float32
+    (float64 beyond 2**24 pixels).
 
     Args:
         parts: Bool tensors ``(B, k_i, H, W)`` on one device; their masks are concatenated (``K = sum k_i``).
-        split: None for all pairs; ``s`` for the pairs of the first ``s`` masks with the other ``K - s``.
 
     Returns:
-        float64 ``inter`` ``(B, K, K)`` (or ``(B, s, K - s)``): entry ``[b, i, j]`` is ``|x_i & x_j|`` of
-        image ``b``; and the areas ``(B, K)``.
+        float64 ``(B, K, K)``: entry ``[b, i, j]`` is ``|x_i & x_j|`` of image ``b``; the diagonal holds the
+        areas.
     """
     bsz, height = parts[0].shape[0], parts[0].shape[-2]
     total = sum(p.shape[1] for p in parts)
     device = parts[0].device
-    rows, cols = (total, total) if split is None else (split, total - split)
     # per-chunk counts are <= 256; their sum per image is exact in float32 up to 2**24 pixels
     acc = _matmul_dtype(parts[0][0, 0].numel()) if bsz else torch.float64
-    inter = torch.zeros((bsz, rows, cols), dtype=acc, device=device)
-    areas = torch.zeros((bsz, total), dtype=acc, device=device) if split is not None else None
+    inter = torch.zeros((bsz, total, total), dtype=acc, device=device)
     boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
     dtype = torch.bfloat16 if _bf16_products(device) else torch.float32
     # images go through in groups of about _GROUP_BYTES of chunks, so the chunks stay in cache
-    group = max(1, _GROUP_BYTES[device.type == "cuda"] // (total * _CHUNK_PIXELS * (2 if dtype == torch.bfloat16 else 4)))
-    buffer = _Buffer()
-    ones = torch.ones((_CHUNK_PIXELS, 1), dtype=dtype, device=device)
-    pending: list[tuple[int, _Chunks]] = []
-
+    group = max(1, _GROUP_BYTES[device.type == "cuda"] // (total * _CHUNK_PIXELS * dtype.itemsize))
+    buffer, staging = _Buffer(), _Buffer()
     on_cpu = _numpy_path(device)
     sources = [p.numpy().view(np.uint8) if on_cpu else p.view(torch.uint8) for p in parts]
-    staging = _Buffer()
+    pending: list[tuple[int, _Chunks]] = []
 
     def flush() -> None:
         used = sum(plan.count for _, plan in pending)
@@ -442,10 +436,7 @@ def _counts(parts: Sequence[torch.Tensor], split: int | None = None) -> tuple[to
         if on_cpu:
             x.copy_(torch.from_numpy(fill))
         owner = torch.tensor([b for b, plan in pending for _ in range(plan.count)], device=device)
-        a, c = (x, x) if split is None else (x[:, :split], x[:, split:])
-        inter.index_add_(0, owner, torch.matmul(a, c.transpose(1, 2)).to(acc))
-        if areas is not None:  # row sums as a product, so that bfloat16 chunks stay exact
-            areas.index_add_(0, owner, torch.matmul(x, ones)[..., 0].to(acc))
+        inter.index_add_(0, owner, torch.matmul(x, x.transpose(1, 2)).to(acc))
         pending.clear()
 
     slot = 0
@@ -462,33 +453,24 @@ def _counts(parts: Sequence[torch.Tensor], split: int | None = None) -> tuple[to
     if pending:
         flush()
     inter = inter.double()
-    areas = None if areas is None else areas.double()
     for b, box in enumerate(boxes):  # windows wider than a chunk: one product of the whole window
         if box is None or box[3] - box[2] <= _CHUNK_PIXELS:
             continue
         r0, r1, c0, c1 = box
         xb = torch.cat([p[b, :, r0:r1, c0:c1].reshape(p.shape[1], -1) for p in parts])
         xb = xb.to(_matmul_dtype(xb.shape[1]))
-        ab, cb = (xb, xb) if split is None else (xb[:split], xb[split:])
-        inter[b] = ab @ cb.T
-        if areas is not None:
-            areas[b] = xb.sum(-1, dtype=torch.float64)
-    if areas is None:
-        areas = torch.diagonal(inter, dim1=-2, dim2=-1)
-    return inter, areas
-
-
-def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Intersection counts ``(B, K, K)`` (float64) of every pair of masks in the concatenation of
-    ``parts`` (bool ``(B, k_i, H, W)``); the diagonal holds the areas."""
-    return _counts(parts)[0]
+        inter[b] = xb @ xb.T
+    return inter
 
 
 def _cross_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Intersections ``(B, n, m)`` and areas ``(B, n)``, ``(B, m)`` (float64) of two sets ``(B, k, H, W)``."""
+    """Intersections ``(B, n, m)`` and areas ``(B, n)``, ``(B, m)`` (float64) of two sets ``(B, k, H, W)``:
+    blocks of the Gram matrix of both (on AMX CPUs a whole bfloat16 Gram costs less than a strided
+    cross product)."""
     n = a.shape[1]
-    inter, areas = _counts([a, b], split=n)
-    return inter, areas[:, :n], areas[:, n:]
+    gram = _gram([a, b])
+    areas = torch.diagonal(gram, dim1=-2, dim2=-1)
+    return gram[:, :n, n:], areas[:, :n], areas[:, n:]
 
 
 def _iou(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty: float) -> torch.Tensor:

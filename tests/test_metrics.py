@@ -445,14 +445,13 @@ def test_counts_on_windows_are_exact(monkeypatch, amx, numpy_copies, hw):
     s[1] = False  # image 1: the samples are empty, the window is the readers'
     y[2] = False
     s[2, :, :, : hw[1] // 2] = False  # image 2: a window in the right half only
-    inter, areas = metrics._counts([torch.from_numpy(s), torch.from_numpy(y)])
+    gram = metrics._gram([torch.from_numpy(s), torch.from_numpy(y)])
     flat = np.concatenate([s, y], axis=1).reshape(3, 7, -1).astype(np.int64)
-    assert np.array_equal(inter.numpy(), flat @ flat.transpose(0, 2, 1))
-    assert np.array_equal(areas.numpy(), flat.sum(-1))
-    cross, area_cross = metrics._counts([torch.from_numpy(s), torch.from_numpy(y)], split=5)
+    assert gram.dtype == torch.float64 and np.array_equal(gram.numpy(), flat @ flat.transpose(0, 2, 1))
+    cross, area_s, area_y = metrics._cross_counts(torch.from_numpy(s), torch.from_numpy(y))
     assert np.array_equal(cross.numpy(), (flat[:, :5] @ flat[:, 5:].transpose(0, 2, 1)))
-    assert np.array_equal(area_cross.numpy(), flat.sum(-1))
-    none = metrics._counts([torch.zeros(2, 3, *hw, dtype=torch.bool)])[0]
+    assert np.array_equal(torch.cat([area_s, area_y], 1).numpy(), flat.sum(-1))
+    none = metrics._gram([torch.zeros(2, 3, *hw, dtype=torch.bool)])
     assert none.shape == (2, 3, 3) and not none.any()
 
 
