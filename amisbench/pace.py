@@ -109,6 +109,7 @@ class Estimate:
     eval_images: int = 0
     eval_s: float | None = None  # the whole evaluation
     timed_images: int = 0
+    timed_samples: int = 0
 
     @property
     def train_s(self) -> float:
@@ -120,7 +121,7 @@ class Estimate:
         out = [f"estimate: training {duration(self.train_s)}" + (f" ({'; '.join(parts)})" if parts else "")]
         if self.eval_s is not None:
             out.append(f"estimate: evaluation {duration(self.eval_s)} ({self.eval_images} images x {n_samples} "
-                       f"samples, timed on {self.timed_images} image(s)); total about "
+                       f"samples, timed on {self.timed_images} image(s) x {self.timed_samples}); total about "
                        f"{duration(self.train_s + self.eval_s)}")
         return out
 
@@ -132,8 +133,9 @@ def _sync(device: torch.device) -> None:
 
 def estimate(model: torch.nn.Module, stages: list[str], steps_left: dict[str, int], *,
              train_step: Callable[[torch.nn.Module, str, int], None],
-             eval_call: Callable[[torch.nn.Module, int], None] | None, eval_images: int, eval_batch: int,
-             device: torch.device, warmup_steps: int = 3, budget_s: float = 2.0) -> Estimate:
+             eval_call: Callable[[torch.nn.Module, int, int], None] | None, eval_images: int, eval_batch: int,
+             eval_samples: int = 100, device: torch.device, warmup_steps: int = 3, budget_s: float = 2.0
+             ) -> Estimate:
     """Time training steps and one evaluation batch on a copy of ``model``; the random state is restored.
 
     Args:
@@ -142,8 +144,12 @@ def estimate(model: torch.nn.Module, stages: list[str], steps_left: dict[str, in
         steps_left: Steps still to train per stage; stages with none are not timed.
         train_step: ``train_step(model, stage, k)`` runs training step ``k`` of ``stage`` (``k = -1``: set
             the stage up, e.g. build its optimizer; not timed).
-        eval_call: ``eval_call(model, k)`` samples ``k`` evaluation images (None: no evaluation estimate).
-        eval_images: Images the evaluation scores; eval_batch: images per sampling call.
+        eval_call: ``eval_call(model, k, n)`` draws ``n`` samples of ``k`` evaluation images (None: no
+            evaluation estimate). On CUDA one evaluation batch is timed as it runs (``eval_batch`` images,
+            ``eval_samples`` samples); on CPU, where a batch can take minutes at paper scale, one image with
+            at most 10 samples, scaled to the batch linearly (sampling costs about that on a CPU).
+        eval_images: Images the evaluation scores; eval_batch: images per sampling call; eval_samples:
+            samples per image.
         warmup_steps: Timed steps per stage after one untimed step (fewer if ``budget_s`` is spent).
     """
     est = Estimate(dict(steps_left), eval_images=eval_images)
@@ -167,12 +173,13 @@ def estimate(model: torch.nn.Module, stages: list[str], steps_left: dict[str, in
             est.step_s[stage] = sorted(times)[len(times) // 2]
         if eval_call is not None and eval_images > 0:
             twin.eval()
-            k = max(1, min(eval_batch, eval_images))
+            batch = max(1, min(eval_batch, eval_images))
+            k, n = (batch, eval_samples) if device.type == "cuda" else (1, min(eval_samples, 10))
             _sync(device)
             t0 = time.perf_counter()
-            eval_call(twin, k)
+            eval_call(twin, k, n)
             _sync(device)
-            est.timed_images = k
-            est.eval_s = (time.perf_counter() - t0) * math.ceil(eval_images / k)
+            est.timed_images, est.timed_samples = k, n
+            est.eval_s = (time.perf_counter() - t0) * (batch / k) * (eval_samples / n) * math.ceil(eval_images / batch)
         del twin
     return est

@@ -572,14 +572,15 @@ def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int]
     step and the evaluator's sampling call); the run itself is unchanged by it."""
     n_eval = min(len(eval_ds), cfg.eval.max_images or len(eval_ds))
 
-    def eval_call(twin: torch.nn.Module, k: int) -> None:
+    def eval_call(twin: torch.nn.Module, k: int, n: int) -> None:
         idx = list(range(k))
         images = torch.stack([eval_ds[i]["image"] for i in idx]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.eval.amp and dev.type == "cuda"):
-            sample_items(twin, eval_ds, idx, images, cfg.eval.n_samples, generator=generator(dev, "estimate", seed))
+            sample_items(twin, eval_ds, idx, images, n, generator=generator(dev, "estimate", seed))
 
     est = estimate(model, list(stages), left, train_step=warmup_step(cfg, train_ds, dev, seed, left),
-                   eval_call=eval_call, eval_images=n_eval, eval_batch=max(1, cfg.eval.batch_images), device=dev)
+                   eval_call=eval_call, eval_images=n_eval, eval_batch=max(1, cfg.eval.batch_images),
+                   eval_samples=cfg.eval.n_samples, device=dev)
     return est.lines(cfg.eval.n_samples)
 
 

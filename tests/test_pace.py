@@ -63,22 +63,31 @@ def test_estimate_is_printed_and_leaves_the_run_unchanged(tmp_path, capsys):
     assert [r.split(",")[:4] for r in logs[0]] == [r.split(",")[:4] for r in logs[1]]  # time_s aside
 
 
-def test_estimate_scales_the_timed_steps():
-    calls = []
+def test_estimate_scales_the_timed_steps(monkeypatch):
+    """Each timed call below takes 1 s of a fake clock: steps cost 1 s; the CPU evaluation probe (1 image x
+    10 samples) scales to batches of 4 images x 100 samples and ceil(10 / 4) = 3 batches: 120 s."""
+    now, calls = [0.0], []
+    monkeypatch.setattr(pace.time, "perf_counter", lambda: now[0])
+
+    def record(*call):
+        calls.append(call)
+        now[0] += 1.0
 
     class Twin(torch.nn.Module):
         def on_stage_start(self, stage):
             calls.append(("start", stage))
 
     est = pace.estimate(Twin(), ["a", "b", "c"], {"a": 0, "b": 100, "c": 10},
-                        train_step=lambda m, s, k: calls.append((s, k)),
-                        eval_call=lambda m, k: calls.append(("eval", k)), eval_images=10, eval_batch=4,
-                        device=torch.device("cpu"), warmup_steps=2)
+                        train_step=lambda m, s, k: record(s, k), eval_call=lambda m, k, n: record("eval", k, n),
+                        eval_images=10, eval_batch=4, eval_samples=100, device=torch.device("cpu"), warmup_steps=2)
     assert [c for c in calls if c[0] == "start"] == [("start", "a"), ("start", "b"), ("start", "c")]
     assert ("a", 0) not in calls and [c for c in calls if c[0] == "b"] == [("b", -1), ("b", 0), ("b", 1), ("b", 2)]
-    assert set(est.step_s) == {"b", "c"} and est.timed_images == 4
-    assert est.train_s == pytest.approx(100 * est.step_s["b"] + 10 * est.step_s["c"])
-    assert est.eval_s is not None and "estimate: evaluation" in "\n".join(est.lines(100))
+    assert est.step_s == {"b": 1.0, "c": 1.0} and est.train_s == 110.0
+    assert ("eval", 1, 10) in calls and (est.timed_images, est.timed_samples) == (1, 10)
+    assert est.eval_s == 120.0
+    assert est.lines(100) == ["estimate: training 1m50s (b: 100 steps x 1s; c: 10 steps x 1s)",
+                              "estimate: evaluation 2m00s (10 images x 100 samples, timed on 1 image(s) x 10); "
+                              "total about 3m50s"]
 
 
 def test_cli_threads(tmp_path, capsys):
