@@ -386,7 +386,9 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     dcls = DATASETS.get(spec.dataset)
     train_ds = dcls(cfg.dataset, "train")
     eval_ds = dcls(cfg.dataset, cfg.eval.split)
-    budgets = {s: stage_steps(sc, len(train_ds), f"train.{s}") for s, sc in cfg.train.items()}
+    subsets = {s: getattr(train_ds, "stage_rows", lambda _: None)(s) for s in cfg.train}  # a stage's part
+    budgets = {s: stage_steps(sc, len(subsets[s]) if subsets[s] is not None else len(train_ds), f"train.{s}")
+               for s, sc in cfg.train.items()}
 
     ckpt_path = folder / "ckpt" / "last.pt"
     state = None
@@ -469,7 +471,11 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         try:
             while step < total:
                 model.train()
-                idx = batch_indices(spec.seed, stage, step, len(train_ds), sc.batch_size)
+                sub = subsets[stage]
+                idx = batch_indices(spec.seed, stage, step, len(sub) if sub is not None else len(train_ds),
+                                    sc.batch_size)
+                if sub is not None:
+                    idx = [sub[i] for i in idx]
                 images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step))
                 loss, logs = forward(model, stage, sc, dev, images, masks)
                 if not torch.isfinite(loss):
@@ -533,7 +539,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     info = {
         "status": "done", "method": spec.method, "variant": spec.variant, "tag": spec.tag, "dataset": spec.dataset,
         "profile": spec.profile, "seed": spec.seed, "protocol": protocol,
-        "protocol_label": labels.get(protocol) if protocol else None,
+        "protocol_label": "; ".join(filter(None, [labels.get(protocol) if protocol else None,
+                                                   getattr(model, "weights_label", "")])) or None,
         "config_hash": chash, "split_hash": {"train": split_hash(train_ds), cfg.eval.split: split_hash(eval_ds)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": timings,
         "parameters": sum(p.numel() for p in model.parameters()), "nfe_per_100_samples": model.nfe(100),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -13,7 +13,9 @@ from amisbench.api import DataSpec, Sample
 from amisbench.errors import UserError
 
 from ._augment import augment as _augment
-from ._layout import SPLITS, Prepared, annotation_split, group_split, split_hash
+from ._layout import SPLITS, Prepared, group_split, split_hash
+
+Split = Callable[[int], dict[str, list[int]]]
 
 
 class PreparedDataset:
@@ -22,11 +24,19 @@ class PreparedDataset:
     Class attributes:
         kind: the prepared kind (``lidc``, ``isic3``), also the registry name.
         protocol_labels: protocol -> the label that every result and table of that protocol carries
-            (only leaky protocols have one).
+            (only protocols that are not a clean random split have one).
+        fixed_splits: protocol -> the function of the row count that gives its split (a release's split);
+            computed on load, so a folder prepared by an older version gets the same lists.
+        computed_protocols: protocols that need nothing stored (any prepared folder of this kind has them).
+        stage_subsets: protocol -> {stage: function of the row count giving the rows that stage trains on}
+            (the ATFM release trains GTR on a part of its SFM training rows).
     """
 
     kind: ClassVar[str] = ""
     protocol_labels: ClassVar[dict[str, str]] = {}
+    fixed_splits: ClassVar[dict[str, Split]] = {}
+    computed_protocols: ClassVar[tuple[str, ...]] = ()
+    stage_subsets: ClassVar[dict[str, dict[str, Callable[[int], list[int]]]]] = {}
 
     def __init__(self, cfg: Any, split: str = "train"):
         if split not in SPLITS:
@@ -55,30 +65,45 @@ class PreparedDataset:
     # -- splits -------------------------------------------------------------------------------------------
     def _split_rows(self) -> list[int]:
         data, p = self.data, self.protocol
-        if p not in data.protocols:
+        if p not in data.protocols and p not in self.computed_protocols:
             raise UserError(f"protocol '{p}' is not available for {data.root} (prepared from a "
                             f"{data.source_format} source); available: {', '.join(data.protocols)}")
-        stored = data.manifest["protocols"][p]["params"]
+        fixed = self.fixed_splits.get(p)
+        stored = data.manifest["protocols"].get(p, {}).get("params", {})
         method = stored.get("method")
-        wanted = {"method": method, "val_fraction": self.cfg.val_fraction,
-                  "test_fraction": self.cfg.test_fraction, "seed": self.cfg.split_seed}
-        if method not in ("group", "annotation"):  # a fixed split: the source's own, or atfm-paper
+        if fixed is not None or method != "group":  # a fixed split: a release's, or the source's own
             defaults = type(self.cfg)()
             changed = [k for k in ("val_fraction", "test_fraction", "split_seed")
                        if getattr(self.cfg, k) != getattr(defaults, k)]
             if changed:
-                why = "is the fixed ATFM release split" if method == "atfm-paper" else \
+                why = f"is a fixed release split ({p})" if fixed is not None else \
                     f"keeps the split stored in its {data.source_format} source"
                 raise UserError(f"dataset.{changed[0]} does not apply: protocol '{p}' of {data.root} {why}")
-        if method in ("group", "annotation") and wanted != stored:
-            # the configured fractions/seed differ from the prepared default: the same function, computed here
-            if method == "group":
-                split = group_split(data.groups, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed)
-            else:
-                split = annotation_split(len(data.ids), data.manifest["readers"], self.cfg.val_fraction,
-                                         self.cfg.test_fraction, self.cfg.split_seed)
-            return split[self.split]
-        return data.rows(data.split_file(p, self.split))
+            if fixed is not None:
+                return self._entries(fixed(len(data.ids))[self.split])
+            return self._entries(data.rows(data.split_file(p, self.split)))
+        wanted = {"method": method, "val_fraction": self.cfg.val_fraction,
+                  "test_fraction": self.cfg.test_fraction, "seed": self.cfg.split_seed}
+        if wanted != stored:  # the configured fractions/seed differ from the prepared default: computed here
+            split = group_split(data.groups, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed)
+            return self._entries(split[self.split])
+        return self._entries(data.rows(data.split_file(p, self.split)))
+
+    def _entries(self, rows: list[int]) -> list[int]:
+        """Rows once per image, or once per (image, reader) entry (``entries`` of ISIC3: the releases'
+        style-concatenated loaders list every image once per annotation style, style by style)."""
+        mode = getattr(self.cfg, "entries", "none")
+        if mode == "all" or (mode == "train" and self.split == "train"):
+            return [r for _ in range(self.data.manifest["readers"]) for r in rows]
+        return rows
+
+    def stage_rows(self, stage: str) -> list[int] | None:
+        """Positions in this split that training stage ``stage`` uses, or None for all of them."""
+        make = self.stage_subsets.get(self.protocol, {}).get(stage)
+        if make is None or self.split != "train":
+            return None
+        keep = set(make(len(self.data.ids)))
+        return [k for k, r in enumerate(self.rows) if r in keep]
 
     @property
     def ids(self) -> list[str]:

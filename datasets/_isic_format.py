@@ -17,11 +17,13 @@ import numpy as np
 from amisbench.errors import UserError
 
 from ._images import IMAGE_SUFFIXES, LOSSY_SUFFIXES, binary_mask, read_raw
-from ._layout import PreparedWriter, annotation_split, group_split
+from ._layout import PreparedWriter, atfm_paper_split, group_split, zepf_split
 from ._progress import Progress
 
 STYLES = ("f", "m", "p")
-ZEPF_LABEL = "leaky protocol: Zepf et al. split by annotation (the same image in train and test)"
+ZEPF_LABEL = "Zepf et al. split: contiguous in image order (60/20/20, not shuffled)"
+ATFM_LABEL = ("leaky protocol: ATFM release split (seed-42 shuffled 80 % train, unshuffled last 20 % test; test "
+              "images also in training)")
 _IMAGE_RE = re.compile(r"ISIC_\d+", re.IGNORECASE)
 _MASK_RE = re.compile(r"(ISIC_\d+)(?:[_-]?segmentation)?[_-]?([A-Za-z])", re.IGNORECASE)
 
@@ -120,8 +122,8 @@ def from_isic_folder(src: Path, w: PreparedWriter, progress: Progress, *, val_fr
     protocols = {
         "clean": {"split": group_split([m["group"] for m in meta], val_fraction, test_fraction, seed),
                   "params": {"method": "group", **params}, "label": ""},
-        "zepf": {"split": annotation_split(n, len(STYLES), val_fraction, test_fraction, seed),
-                 "params": {"method": "annotation", **params}, "label": ZEPF_LABEL},
+        "zepf": {"split": zepf_split(n), "params": {"method": "zepf"}, "label": ZEPF_LABEL},
+        "atfm-paper": {"split": atfm_paper_split(n), "params": {"method": "atfm-paper"}, "label": ATFM_LABEL},
     }
     lossy = sorted({p.suffix.lower() for _, _, mps in items for p in mps} & set(LOSSY_SUFFIXES))
     return {"meta": meta, "protocols": protocols, "source": {"format": "isic-folder", "name": src.name},

@@ -88,35 +88,51 @@ def group_split(groups: list[str], val_fraction: float, test_fraction: float, se
     return out
 
 
+def release_permutation(n: int) -> list[int]:
+    """The shuffle of the ATFM and Zepf et al. dataloaders: ``indices = list(range(n));
+    np.random.seed(42); np.random.shuffle(indices)`` (here with a local ``RandomState(42)``, the same
+    stream, so the global numpy state is left alone)."""
+    indices = list(range(n))
+    np.random.RandomState(42).shuffle(indices)
+    return indices
+
+
+def release_cut(n: int, fraction: float) -> int:
+    """``int(np.floor(fraction * n))``, the releases' split sizes (``dataloaders.py``)."""
+    return int(np.floor(fraction * n))
+
+
 def atfm_paper_split(n: int) -> dict[str, list[int]]:
     """The slice-level split of the ATFM release (leaky; reproduced for comparability).
 
-    Training takes a shuffled 80 % of all slices (``numpy.random.RandomState(42)``), the test set is the
-    unshuffled last 20 % of the slices in loader order (the dict order of the pickle), so about 80 % of the
-    test slices are also training slices (the paper's Table 1 numbers come from this protocol). The release
-    has no validation set; ``val`` is the test set, as the release evaluates on it.
+    ``get_dataloader_2(splitratio=[0.8, 0.0, 0.2])`` of the release's ``dataloaders.py``: SFM trains on
+    ``perm[:floor(0.8 n)]`` of :func:`release_permutation` (``randomsplit=True``, ``train_prior_*.py``), the
+    test set is the *unshuffled* ``[floor(0.8 n), n)`` (``randomsplit=False``, ``test_prior_*.py``), so about
+    80 % of the test rows are training rows. For N = 15,096 LIDC slices: 12,076 train, 3,020 test. The
+    release has no validation set; ``val`` is the test set. Training rows are listed in permutation order.
+    On ISIC3 the release splits each style subset (one entry per image, in image order) the same way, so
+    the split by image is this one with n = number of images.
     """
-    n_test = int(np.floor(0.2 * n))
-    perm = np.random.RandomState(42).permutation(n)
-    train = sorted(int(i) for i in perm[: n - n_test])
-    test = list(range(n - n_test, n))
-    return {"train": train, "val": list(test), "test": test}
+    n_train = release_cut(n, 0.8)
+    test = list(range(n_train, n))
+    return {"train": release_permutation(n)[:n_train], "val": list(test), "test": test}
 
 
-def annotation_split(images: int, readers: int, val_fraction: float, test_fraction: float, seed: int
-                     ) -> dict[str, list[int]]:
-    """Split by annotation (Zepf et al.'s ISIC3 protocol; leaky): the (image, reader) pairs are shuffled
-    and cut into train/val/test; an image belongs to every split that holds one of its annotations, with
-    all its masks (the Sample contract carries every reader)."""
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"dataset.val_fraction and dataset.test_fraction: expected fractions in [0, 1) that sum "
-                        f"to less than 1, got {val_fraction} and {test_fraction}")
-    pairs = images * readers
-    perm = np.random.default_rng(seed).permutation(pairs)
-    n_val, n_test = int(round(val_fraction * pairs)), int(round(test_fraction * pairs))
-    n_train = pairs - n_val - n_test
-    parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
-    return {s: sorted({int(p) // readers for p in parts[s]}) for s in SPLITS}
+def atfm_gtr_rows(n: int) -> list[int]:
+    """The rows the ATFM release trains GTR on: ``perm[:floor(0.6 n)]`` of the same permutation
+    (``train_GTR.py`` calls ``get_dataloader(splitratio=[0.6, 0.2, 0.2], randomsplit=True)``); 9,057 of
+    15,096 LIDC slices, all of them inside the SFM training rows."""
+    return release_permutation(n)[:release_cut(n, 0.6)]
+
+
+def zepf_split(n: int) -> dict[str, list[int]]:
+    """Zepf et al.'s ISIC3 split (``dataloaders.py`` of kilianzepf/conditioned_uncertain_segmentation, called
+    without ``randomsplit``): contiguous and unshuffled, ``[0, floor(0.6 n))`` train, the next
+    ``floor(0.2 n)`` val, the rest test, cut in each style subset; with one mask of each style per image
+    every subset lists the images in the same order, so this is a split by image."""
+    n_train, n_val = release_cut(n, 0.6), release_cut(n, 0.2)
+    return {"train": list(range(n_train)), "val": list(range(n_train, n_train + n_val)),
+            "test": list(range(n_train + n_val, n))}
 
 
 def check_disjoint(groups: list[str], split: dict[str, list[int]], where: str) -> None:

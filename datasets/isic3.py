@@ -7,11 +7,20 @@ Reads a folder written by ``amisbench data prepare isic3 --from isic256_3_style 
 Protocols:
 
 * ``clean`` (default): split by image (``val_fraction``/``test_fraction``, defaults 0.1/0.2).
-* ``zepf``: Zepf et al.'s split by annotation: the 3 x N (image, style) pairs are shuffled and cut into
-  train/val/test with the same fractions, so an image can sit in train and test. A split holds every image
-  with at least one annotation in it, with all its masks. Results carry the label in
-  :attr:`ISIC3.protocol_labels`. The original code's random generator could not be checked here, so this
-  reproduces the protocol's structure (and its leak), not necessarily its exact lists.
+* ``zepf``: Zepf et al.'s split (:func:`~amisbench.datasets._layout.zepf_split`): contiguous and
+  unshuffled in image order, 60 % train, 20 % val, 20 % test, as their ``dataloaders.py`` cuts each
+  style subset without ``randomsplit``. Labelled in :attr:`ISIC3.protocol_labels` (not random).
+* ``atfm-paper``: the ATFM release's split (leaky): each style subset shuffled with seed 42, its first
+  ``floor(0.8 N)`` entries for training and the unshuffled last 20 % for test (the LIDC rule,
+  :func:`~amisbench.datasets._layout.atfm_paper_split`, on N images); the ATFM GTR stage trains on
+  ``perm[:floor(0.6 N)]``. The release scores every test entry, so each test image up to 3 times
+  (``entries: all``); the default scores each image once (the same expectation here, where every image
+  has one mask of each style).
+
+``entries``: ``none`` lists each image once; ``train`` lists each training image once per annotation
+style, as the releases' style-concatenated loaders do (one epoch = one pass over the (image, style)
+entries: the ATFM release's ISIC epoch); ``all`` does so for every split (the release's per-entry
+scoring).
 
 Training augmentation (defaults): horizontal and vertical flips, rotation in +-15 degrees, scale 0.9-1.1.
 """
@@ -24,12 +33,15 @@ from typing import Literal
 from amisbench.registry import register_dataset
 
 from ._adapter import PreparedDataset
+from ._isic_format import ATFM_LABEL, ZEPF_LABEL
+from ._layout import atfm_gtr_rows, atfm_paper_split, zepf_split
 
 
 @dataclass
 class ISIC3Config:
     root: str = ""  # the prepared folder (``--data-root``)
-    protocol: Literal["clean", "zepf"] = "clean"
+    protocol: Literal["clean", "zepf", "atfm-paper"] = "clean"
+    entries: Literal["none", "train", "all"] = "none"  # list images once per annotation style (see above)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -47,6 +59,7 @@ class ISIC3(PreparedDataset):
 
     Config = ISIC3Config
     kind = "isic3"
-    protocol_labels = {
-        "zepf": "leaky protocol: Zepf et al. split by annotation (the same image in train and test)",
-    }
+    protocol_labels = {"zepf": ZEPF_LABEL, "atfm-paper": ATFM_LABEL}
+    fixed_splits = {"atfm-paper": atfm_paper_split, "zepf": zepf_split}
+    computed_protocols = ("atfm-paper", "zepf")
+    stage_subsets = {"atfm-paper": {"gtr": atfm_gtr_rows}}

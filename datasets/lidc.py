@@ -13,9 +13,12 @@ Protocols:
   (defaults 0.15/0.15, about the proportions of the DeepMind patient split). The HDF5 file and the PNG tree
   carry their own split (by series / by patient); ``clean`` keeps it (checked to be group-disjoint when
   prepared) and the fractions do not apply.
-* ``atfm-paper``: the ATFM release's slice-level split (a shuffled 80 % of the slices for training, seed 42;
-  the unshuffled last 20 % for test), only from the pickle, whose entry order it depends on. About 80 % of
-  its test slices are training slices; results carry the label in :attr:`LIDC.protocol_labels`.
+* ``atfm-paper``: the ATFM release's slice-level split (:func:`~amisbench.datasets._layout.atfm_paper_split`:
+  ``perm[:floor(0.8 N)]`` of a seed-42 shuffle for training, the unshuffled last ``N - floor(0.8 N)`` slices
+  for test; 12,076 / 3,020 of 15,096), only from the pickle, whose entry order it depends on. About 80 % of
+  its test slices are training slices; results carry the label in :attr:`LIDC.protocol_labels`. The
+  ATFM GTR stage trains on ``perm[:floor(0.6 N)]`` (9,057 slices) of the same shuffle, as ``train_GTR.py``
+  (:meth:`stage_rows`).
 
 No augmentation by default (the ATFM paper and the Prob. U-Net release train LIDC without it).
 """
@@ -28,6 +31,7 @@ from typing import Literal
 from amisbench.registry import register_dataset
 
 from ._adapter import PreparedDataset
+from ._layout import atfm_gtr_rows, atfm_paper_split
 
 
 @dataclass
@@ -54,3 +58,5 @@ class LIDC(PreparedDataset):
     protocol_labels = {
         "atfm-paper": "leaky protocol: ATFM release slice-level split (test slices also in training)",
     }
+    fixed_splits = {"atfm-paper": atfm_paper_split}
+    stage_subsets = {"atfm-paper": {"gtr": atfm_gtr_rows}}

@@ -61,19 +61,26 @@ class LowRankGaussian:
 
 
 class LowRankHead(nn.Module):
-    """1x1 convolutions from U-Net features (B,F,H,W) to a :class:`LowRankGaussian` over (H*W) logits."""
+    """1x1 convolutions from U-Net features (B,F,H,W) to a :class:`LowRankGaussian` over (H*W) logits.
 
-    def __init__(self, in_features: int, rank: int = 10, eps: float = 1e-5):
+    ``cov_diag = exp(log_diag) + eps``; with ``eps_twice`` eps is added a second time to the flattened
+    diagonal, as the ATFM release's GTR does (``models/GTR.py``).
+    """
+
+    def __init__(self, in_features: int, rank: int = 10, eps: float = 1e-5, *, eps_twice: bool = False):
         super().__init__()
         self.rank = rank
         self.eps = eps
+        self.eps_twice = eps_twice
         self.mean = nn.Conv2d(in_features, 1, 1)
         self.log_diag = nn.Conv2d(in_features, 1, 1)
         self.factor = nn.Conv2d(in_features, rank, 1)
 
     def forward(self, features: Tensor) -> LowRankGaussian:
         mean = self.mean(features).flatten(1)
-        cov_diag = self.log_diag(features).flatten(1).exp() + self.eps
+        cov_diag = self.log_diag(features).exp().flatten(1) + self.eps
+        if self.eps_twice:
+            cov_diag = cov_diag + self.eps
         cov_factor = self.factor(features).flatten(2).transpose(1, 2)  # (B,D,r)
         return LowRankGaussian(mean, cov_factor, cov_diag)
 

@@ -27,6 +27,7 @@ class UNetConfig:
     groups: int = 8  # for group norm
     down: Literal["max", "avg", "conv"] = "max"
     up: Literal["bilinear", "transpose"] = "bilinear"
+    align_corners: bool = False  # of the bilinear up-sampling (True in the Prob. U-Net / ATFM GTR releases)
     activation: Literal["relu", "silu", "leaky_relu"] = "relu"
     dropout: float = 0.0
     attention_levels: tuple[int, ...] = ()
@@ -140,7 +141,7 @@ class UNet(nn.Module):
                 if cfg.down == "max":
                     self.downs.append(nn.MaxPool2d(2))
                 elif cfg.down == "avg":
-                    self.downs.append(nn.AvgPool2d(2))
+                    self.downs.append(nn.AvgPool2d(2, ceil_mode=True))  # ceil_mode as the Prob. U-Net U-Net
                 else:
                     self.downs.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
             cin = ch
@@ -151,7 +152,7 @@ class UNet(nn.Module):
             if cfg.up == "transpose":
                 self.ups.append(nn.ConvTranspose2d(w[i + 1], w[i + 1], 2, stride=2))
             else:
-                self.ups.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                self.ups.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=cfg.align_corners))
             self.up_blocks.append(ConvBlock(w[i + 1] + w[i], w[i], cfg, time_dim))
             if i in cfg.attention_levels:
                 self.up_attn[str(i)] = Attention(w[i], cfg.attention_heads, cfg.groups)

@@ -1,7 +1,7 @@
 """ATFM: Ambiguity-aware Truncated Flow Matching (Li et al., AAAI 2026; arXiv 2511.06857).
 
-Original code: github.com/PerceptionComputingLab/ATFM (commit not checked here; what it does is taken
-from the suite's DESIGN.md, section 6). Two training stages:
+Original code: github.com/PerceptionComputingLab/ATFM at eeaa1b4 (the release); every number of the
+``paper`` profile cites its file there (``configs/methods/atfm.yaml``). Two training stages:
 
 1. ``gtr``: the Gaussian Truncation Representation (:mod:`.gtr`), a U-Net with a rank-10 Gaussian head
    over the logits, trained with L_Prior on one random reader per image per step.
@@ -21,7 +21,7 @@ its own GTR pass and Euler steps), like the release's per-sample loop (kept for 
 The truncation: the full flow would start at Gaussian noise; ATFM starts it at the explicit Gaussian of
 GTR at T_trunc (paper Theorems 1-2: a Gaussian over logits is an admissible diffusion marginal), so the
 flow from t = 0 (GTR) to t = 1 (masks) is the part after truncation. lambda = 1e-3 (T = 1000, linear
-schedule) is read as the training time grid t = k / T (and the scale of the ST-Net's time features);
+schedule) is read as the training time grid t = k / T, as released; the ST-Net sees t in [0, 1) as is;
 inference covers the same [0, 1] with ``steps`` uniform steps, the paper's "T_Trunc = 25 steps"
 (Table 3). The source sits at t = 0 exactly; the paper names no offset t0, so there is none.
 
@@ -32,23 +32,31 @@ Table 4 variants are config values (``configs/methods/atfm.yaml``, ``variants``)
 
 Switches between the paper and the release (the paper is the default):
 
-* ``dice: soft | detached`` -- the release thresholds x_1t before its Dice, so L_SF has no gradient;
+* ``dice: soft | release | detached`` -- the release thresholds x_1t before a batch-global Dice, so L_SF
+  has no gradient (:mod:`.sfm`); the ``release`` variant sets ``dice: release``;
+* ``time_per: image | reader`` -- one flow time per image shared by its readers (release) or per reader;
 * ``likelihood: logmeanexp | mean_nll`` -- the release's (and SSN's) log-mean-exp vs. the paper's
   literal Eq. 5 (mean of per-sample NLLs);
 * ``dice_targets: own | all`` -- Dice against the flow's own reader (release) or all readers (a literal
   reading of Algorithm 1);
 * ``sampler: batched | release_loop``.
 
+Networks: the GTR (:mod:`.gtr`) and the ST-Net (:mod:`.st_net`) have the release's layouts (2,260,524 and
+38,547,585 parameters at 128 px; 152,133,889 for the ST-Net at 256 px), so the release's checkpoint files
+load through :mod:`.release`: ``method.init_gtr=GTR_LIDC.pt`` / ``method.init_sfm=SFM-for-ATFM-LIDC.pth``
+start a run from them (with ``train.gtr.steps=0 train.sfm.steps=0`` the run evaluates the authors'
+model). Such runs carry the leaky label (:attr:`ATFM.weights_label`) whatever the protocol: those
+weights were trained on the release's slice-level split. ``cond: grey`` conditions the ST-Net on the
+greyscale image 0.299 R + 0.587 G + 0.114 B (the release on ISIC) while GTR sees RGB.
+
 Deviations: a single logit per pixel (Bernoulli) instead of two softmax classes (the same model for
-binary masks); L_Prior divided by the number of pixels; the ST-Net is the suite's time-conditioned U-Net
-(FiLM scale/shift per block, group norm, attention at the lowest level, 4 convolutions per block) rather
-than the release's exact DDPM U-Net, at the same widths (about 18 M parameters at 128 px, against about
-38 M); the soft Dice is taken of ``clamp(x_1t, 0, 1)``.
+binary masks; the release also uses one class); L_Prior divided by the number of pixels (a constant
+factor); the soft Dice is taken of ``clamp(x_1t, 0, 1)``; the release's ISIC script averages its three
+reader losses with 0.33 instead of 1/3 (not reproduced: a 1 % loss scale).
 
 Frozen GTR during ``sfm``: :meth:`on_stage_start` sets ``requires_grad = False`` on the GTR and puts it in
 eval mode; because the runner calls ``model.train()`` every step, :meth:`train` keeps a frozen GTR in
-eval mode (its BatchNorm uses the running statistics of the gtr stage), and the sfm loss additionally
-evaluates GTR in eval mode under ``no_grad`` whatever the module's mode.
+eval mode, and the sfm loss additionally evaluates GTR in eval mode under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -64,36 +72,42 @@ from amisbench.errors import UserError
 from amisbench.nn import UNetConfig
 from amisbench.registry import register_method
 
-from . import sfm
+from . import release, sfm
 from .._blocks import check_chunk, chunks, pick_reader
-from .gtr import GTR
-from .st_net import STNet
+from .gtr import GTR, release_backbone
+from .st_net import STNet, STNetConfig
+
+GREY = (0.299, 0.587, 0.114)  # the release's RGB -> grey weights for the ST-Net condition (train_prior_ISIC.py)
+RELEASE_WEIGHTS_LABEL = "leaky: ATFM release weights (trained on the release's slice-level split)"
 
 
 @dataclass
 class ATFMConfig:
     """ATFM settings; defaults are the paper's (LIDC, 128 px)."""
 
-    # GTR (truncation distribution)
-    gtr: UNetConfig = field(default_factory=lambda: UNetConfig(widths=(32, 64, 128, 192)))
+    # GTR (truncation distribution): the release's U-Net (models/unet.py), rank 10, eps added twice
+    gtr: UNetConfig = field(default_factory=release_backbone)
     rank: int = 10
     mc_samples: int = 20  # M
     antithetic: bool = True
     eps: float = 1e-5
+    eps_twice: bool = True  # models/GTR.py adds eps to the diagonal twice
     likelihood: Literal["logmeanexp", "mean_nll"] = "logmeanexp"
-    # SFM (ST-Net): base width = image size, multipliers (1, 2, 4), attention at the lowest level
-    st_net: UNetConfig = field(default_factory=lambda: UNetConfig(
-        widths=(128, 256, 512), convs_per_block=4, norm="group", groups=32, activation="silu",
-        attention_levels=(2,)))
-    time_dim: int = 0  # 0: 4 x base width
+    # SFM: the release's conditional U-Net (models/Condition_Unet.py); dim 0 = the image size
+    st_net: STNetConfig = field(default_factory=STNetConfig)
+    cond: Literal["image", "grey"] = "image"  # grey: ST-Net sees 0.299 R + 0.587 G + 0.114 B (release, ISIC)
     flow: bool = True  # False: Act. GTR (Table 4 row A)
     source: Literal["gtr", "gaussian"] = "gtr"
     alpha: float = 1e-3  # LIDC; 1e-4 on ISIC3 (configs/methods/atfm.yaml)
-    dice: Literal["soft", "detached"] = "soft"
+    dice: Literal["soft", "release", "detached"] = "soft"
     dice_targets: Literal["own", "all"] = "own"
     dice_smooth: float = 1.0
-    timesteps: int = 1000  # T = 1 / lambda
+    timesteps: int = 1000  # T = 1 / lambda: training times k / T
     time_sampling: Literal["discrete", "uniform"] = "discrete"
+    time_per: Literal["image", "reader"] = "image"  # one t per image shared by its readers (release)
+    # release checkpoint files ({"model_state_dict": ...}) to start from; see .release
+    init_gtr: str = ""
+    init_sfm: str = ""
     # sampling
     steps: int = 25
     solver: Literal["euler", "heun"] = "euler"
@@ -119,9 +133,35 @@ class ATFM(Method):
         if cfg.timesteps < 1:
             raise UserError(f"method.timesteps: expected T = 1 / lambda >= 1, got {cfg.timesteps}")
         check_chunk(cfg.sample_chunk)
-        self.gtr = GTR(spec.channels, cfg.gtr, cfg.rank, cfg.eps, cfg.channels_last)
-        self.st_net = STNet(spec.channels, cfg.st_net, cfg.time_dim, float(cfg.timesteps), cfg.channels_last)
+        if cfg.cond == "grey" and spec.channels != 3:
+            raise UserError(f"method.cond: 'grey' needs RGB images, {spec.name or 'the dataset'} has "
+                            f"{spec.channels} channel(s); use cond: image")
+        self.gtr = GTR(spec.channels, cfg.gtr, cfg.rank, cfg.eps, cfg.channels_last, cfg.eps_twice)
+        self.st_net = STNet(1 if cfg.cond == "grey" else spec.channels, cfg.st_net, dim=spec.height,
+                            channels_last=cfg.channels_last)
         self._gtr_frozen = False
+        for key, net, load in (("init_gtr", self.gtr, release.load_gtr),
+                               ("init_sfm", self.st_net, release.load_st_net)):
+            path = getattr(cfg, key)
+            if path:
+                state = release.read_checkpoint(path, f"method.{key}")
+                try:
+                    load(net, state)
+                except ValueError as e:
+                    raise UserError(f"method.{key} {path}: {e} (the config builds another network: check the "
+                                    "profile and dataset)") from None
+
+    @property
+    def weights_label(self) -> str:
+        """The leaky label of a run started from the release's weights ('' otherwise)."""
+        return RELEASE_WEIGHTS_LABEL if (self.cfg.init_gtr or self.cfg.init_sfm) else ""
+
+    def condition(self, images: Tensor) -> Tensor:
+        """The ST-Net's condition: the image, or its greyscale 0.299 R + 0.587 G + 0.114 B (``cond: grey``)."""
+        if self.cfg.cond == "grey":
+            w = torch.tensor(GREY, device=images.device, dtype=images.dtype)
+            return (images * w.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        return images
 
     # -- stages ---------------------------------------------------------------------------------------
     def trainable(self, stage: str):
@@ -144,7 +184,7 @@ class ATFM(Method):
     def train(self, mode: bool = True):
         super().train(mode)
         if self._gtr_frozen:
-            self.gtr.eval()  # BatchNorm of the frozen GTR keeps its gtr-stage running statistics
+            self.gtr.eval()  # a frozen GTR stays in eval mode
         return self
 
     # -- training -------------------------------------------------------------------------------------
@@ -158,9 +198,9 @@ class ATFM(Method):
             b, _, h, w = images.shape
             x0 = self._train_source(images).reshape(b, 1, h, w)
             c = self.cfg
-            return sfm.sfm_loss(self.st_net, x0, masks, images, alpha=c.alpha, dice=c.dice,
+            return sfm.sfm_loss(self.st_net, x0, masks, self.condition(images), alpha=c.alpha, dice=c.dice,
                                 dice_targets=c.dice_targets, smooth=c.dice_smooth, timesteps=c.timesteps,
-                                time_sampling=c.time_sampling)
+                                time_sampling=c.time_sampling, time_per=c.time_per)
         raise UserError(f"atfm: unknown stage '{stage}'; known: {', '.join(self.stages)}")
 
     @torch.no_grad()
@@ -201,10 +241,11 @@ class ATFM(Method):
             if not self.cfg.flow:
                 return (x0 > self.cfg.threshold).reshape(b, n, h, w)
             flat = x0.reshape(b * n, 1, h, w)
+            cond = self.condition(images)
             out = torch.empty((b * n, h, w), dtype=torch.bool, device=images.device)
             owner = torch.arange(b * n, device=images.device) // n  # image of each flat sample
             for s, e in chunks(b * n, self.cfg.sample_chunk):
-                x1 = sfm.integrate(self.st_net, flat[s:e], images[owner[s:e]], steps=self.cfg.steps,
+                x1 = sfm.integrate(self.st_net, flat[s:e], cond[owner[s:e]], steps=self.cfg.steps,
                                    solver=self.cfg.solver)
                 out[s:e] = x1[:, 0] > self.cfg.threshold
             return out.reshape(b, n, h, w)
@@ -229,7 +270,8 @@ class ATFM(Method):
                 for j in range(n):
                     x = self._sources(image, 1, generator).reshape(1, 1, h, w)
                     if self.cfg.flow:
-                        x = sfm.integrate(self.st_net, x, image, steps=self.cfg.steps, solver=self.cfg.solver)
+                        x = sfm.integrate(self.st_net, x, self.condition(image), steps=self.cfg.steps,
+                                          solver=self.cfg.solver)
                     out[i, j] = x[0, 0] > self.cfg.threshold
             return out
         finally:

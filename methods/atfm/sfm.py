@@ -6,19 +6,24 @@ Paper Algorithm 1, with x0 the source (``sigmoid(z)``, z drawn from the frozen G
 * ``x_1t = x_t + v (1 - t)``, the end point the predicted velocity leads to from x_t;
 * ``L_SF = L_FM + alpha * mean_i (1 - Dice(x_1t, y_i))``, L_FM the mean squared velocity error.
 
-Every reader of an image is its own target: the image's source draw is shared by its A readers, each
-reader gets its own t, and both terms are means over readers (``dice_targets: own``, the release).
-``dice_targets: all`` is the literal reading of Algorithm 1 line 4, where one x_1t is compared with all
-N readers of its image.
+Every reader of an image is its own target: the image's source draw is shared by its A readers, and
+both terms are means over readers (``dice_targets: own``, the release). The flow time t is drawn once per
+image and shared by its readers (``time_per: image``, the release's ``train_prior_*.py``); ``time_per:
+reader`` draws one t per (image, reader) flow. ``dice_targets: all`` is the literal reading of Algorithm 1
+line 4, where one x_1t is compared with all N readers of its image.
 
-Dice: ``soft`` (default) is a differentiable Dice of ``clamp(x_1t, 0, 1)``, so L_SF shapes the velocity
-as the paper describes. ``detached`` reproduces the release, which thresholds x_1t at 0.5 before the
-Dice, so the term carries no gradient (and "w/o L_SF" trains the same network). Both use the smoothing
-``(2 |p y| + s) / (|p| + |y| + s)`` with s = 1, so two empty masks have Dice 1 (the suite's convention).
+Dice (which one a table used is stated in its caption):
 
-Time: lambda = 1e-3 (T = 1000, paper Implementation Details) is read as the training time grid:
+* ``soft`` (default, the paper's L_SF): a differentiable Dice of ``clamp(x_1t, 0, 1)`` per flow, smoothing
+  ``(2 |p y| + s) / (|p| + |y| + s)`` with s = 1 (two empty masks: Dice 1, the suite's convention);
+* ``release``: as released -- x_1t thresholded (``>= 0.5``), one hard Dice per reader over the whole batch
+  (smoothing 1e-8), averaged over readers, detached (no gradient, so "w/o L_SF" trains the same network);
+* ``detached``: the per-flow Dice of thresholded masks, without gradient (s = 1).
+
+Time: lambda = 1e-3 (T = 1000, paper Implementation Details) is the training time grid, as released:
 t = k / T with k uniform in {0, ..., T - 1} (``time_sampling: discrete``); ``uniform`` draws t from
-U[0, 1). Sampling integrates t from 0 to 1 with ``steps`` Euler (or Heun) steps, 25 by default.
+U[0, 1). The ST-Net sees t as is. Sampling integrates t from 0 to 1 with ``steps`` Euler (or Heun) steps,
+25 by default (the paper and ``test_prior_LIDC.py``; ``test_prior_ISIC.py`` uses 50).
 """
 
 from __future__ import annotations
@@ -65,21 +70,31 @@ def dice_scores(pred: Tensor, target: Tensor, *, smooth: float = 1.0) -> Tensor:
     return (2 * inter + smooth) / (pred.sum(-1) + target.sum(-1) + smooth)
 
 
-def dice_loss(x1t: Tensor, masks: Tensor, *, mode: Literal["soft", "detached"] = "soft",
+DiceMode = Literal["soft", "release", "detached"]
+RELEASE_SMOOTH = 1e-8  # the release's Dice smoothing (train_prior_*.py)
+
+
+def dice_loss(x1t: Tensor, masks: Tensor, *, mode: DiceMode = "soft",
               targets: Literal["own", "all"] = "own", smooth: float = 1.0, threshold: float = 0.5) -> Tensor:
     """Mean of 1 - Dice(x_1t, y) (the semantic term of L_SF).
 
     Args:
         x1t: (B,A,D) projected end points, one per (image, reader) flow.
         masks: (B,A,D) reader masks in {0,1}.
-        mode: ``soft`` (clamp to [0,1], differentiable) or ``detached`` (threshold, no gradient: the release).
-        targets: ``own`` (each flow against its own reader) or ``all`` (against every reader of the image).
-        smooth: Dice smoothing s.
-        threshold: binarisation threshold of ``detached``.
+        mode: ``soft`` (clamp to [0,1], differentiable), ``release`` (threshold, one Dice per reader over
+            the whole batch, smoothing 1e-8, no gradient) or ``detached`` (threshold, per flow, no gradient).
+        targets: ``own`` (each flow against its own reader) or ``all`` (against every reader of the image);
+            ``release`` is always ``own``.
+        smooth: Dice smoothing s (not used by ``release``).
+        threshold: binarisation threshold of ``release`` and ``detached``.
 
     Returns:
-        scalar; without a graph when ``mode`` is ``detached``.
+        scalar; without a graph unless ``mode`` is ``soft``.
     """
+    if mode == "release":
+        with torch.no_grad():
+            hard = (x1t >= threshold).to(x1t.dtype).transpose(0, 1).flatten(1)  # (A, B*D): a batch per reader
+            return (1 - dice_scores(hard, masks.transpose(0, 1).flatten(1), smooth=RELEASE_SMOOTH)).mean()
     if mode == "detached":
         with torch.no_grad():
             return dice_loss((x1t > threshold).to(x1t.dtype), masks, mode="soft", targets=targets,
@@ -93,17 +108,19 @@ def dice_loss(x1t: Tensor, masks: Tensor, *, mode: Literal["soft", "detached"] =
 
 
 def sfm_loss(net: Velocity, x0: Tensor, masks: Tensor, images: Tensor, *, alpha: float,
-             dice: Literal["soft", "detached"] = "soft", dice_targets: Literal["own", "all"] = "own",
+             dice: DiceMode = "soft", dice_targets: Literal["own", "all"] = "own",
              smooth: float = 1.0, timesteps: int = 1000,
-             time_sampling: Literal["discrete", "uniform"] = "discrete") -> tuple[Tensor, dict[str, float]]:
+             time_sampling: Literal["discrete", "uniform"] = "discrete",
+             time_per: Literal["image", "reader"] = "image") -> tuple[Tensor, dict[str, float]]:
     """L_SF of one batch.
 
     Args:
         net: the ST-Net.
         x0: (B,1,H,W) source draws, one per image (shared by its readers).
         masks: (B,A,H,W) reader masks in {0,1} (the targets x1).
-        images: (B,C,H,W).
+        images: (B,C,H,W) the ST-Net's condition.
         alpha: weight of the Dice term.
+        time_per: one t per image shared by its readers (the release) or one per (image, reader).
 
     Returns:
         (loss, logs) with logs ``l_fm``, ``l_dice``.
@@ -111,7 +128,10 @@ def sfm_loss(net: Velocity, x0: Tensor, masks: Tensor, images: Tensor, *, alpha:
     b, a, h, w = masks.shape
     x1 = masks.reshape(b * a, 1, h, w).to(x0.dtype)
     x0r = x0.repeat_interleave(a, dim=0)
-    t = sample_times(b * a, timesteps=timesteps, mode=time_sampling, device=x0.device)
+    if time_per == "image":
+        t = sample_times(b, timesteps=timesteps, mode=time_sampling, device=x0.device).repeat_interleave(a)
+    else:
+        t = sample_times(b * a, timesteps=timesteps, mode=time_sampling, device=x0.device)
     x_t = interpolate(x0r, x1, t)
     v = net(x_t, t, images.repeat_interleave(a, dim=0))
     l_fm = (v - velocity_target(x0r, x1)).pow(2).mean()
