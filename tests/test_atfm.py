@@ -14,16 +14,16 @@ from amisbench.api import DataSpec
 from amisbench.config import PROFILES, RunConfig, StageConfig, apply_layer, resolve
 from amisbench.errors import UserError
 from amisbench.methods.atfm import ATFM, ATFMConfig, sfm
-from amisbench.methods.atfm.gtr import GTR
+from amisbench.methods.atfm.gtr import GTR, release_backbone
+from amisbench.methods.atfm.st_net import STNetConfig
 from amisbench.nn import UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(**kw) -> ATFMConfig:
-    base = dict(gtr=UNetConfig(widths=(8, 16)), rank=4, mc_samples=4,
-                st_net=UNetConfig(widths=(8, 16), convs_per_block=1, norm="group", groups=4, activation="silu",
-                                  attention_levels=(1,)), steps=3, sample_chunk=0)
+    base = dict(gtr=release_backbone((8, 16)), rank=4, mc_samples=4,
+                st_net=STNetConfig(dim=8, heads=2, head_dim=4), steps=3, sample_chunk=0)
     base.update(kw)
     return ATFMConfig(**base)
 
@@ -177,6 +177,7 @@ def test_sfm_loss_is_mse_plus_alpha_dice():
     loss, logs = sfm.sfm_loss(net, x0, masks, images, alpha=0.3)
     x_t, t = seen["x_t"], seen["t"]
     assert x_t.shape == (8, 1, 8, 8) and t.shape == (8,)
+    assert (t.reshape(2, 4) == t.reshape(2, 4)[:, :1]).all()  # one t per image, shared by its readers
     # each of the 4 readers of an image shares the image's source draw
     x1 = masks.reshape(8, 1, 8, 8)
     x0r = x0.repeat_interleave(4, 0)
@@ -189,6 +190,36 @@ def test_sfm_loss_is_mse_plus_alpha_dice():
     dice = (2 * (p * y).sum(-1) + 1) / (p.sum(-1) + y.sum(-1) + 1)
     torch.testing.assert_close(loss, mse + 0.3 * (1 - dice).mean())
     assert logs["l_fm"] == pytest.approx(float(mse), rel=1e-6)
+
+
+def test_time_per_reader_draws_one_t_per_flow():
+    seen = {}
+
+    def net(x_t, t, images):
+        seen["t"] = t
+        return x_t
+
+    images, masks = batch(8, 8)
+    torch.manual_seed(0)
+    sfm.sfm_loss(net, torch.rand(8, 1, 8, 8), masks, images, alpha=0.0, time_per="reader")
+    per_image = seen["t"].reshape(8, 4)
+    assert (per_image != per_image[:, :1]).any()
+
+
+def test_release_dice_is_batch_global_hard_and_detached():
+    # two images, two readers; x_1t thresholded at >= 0.5 (0.5 counts as foreground, as .ge(0.5))
+    x1t = torch.tensor([[[0.5, 0.9, 0.1, 0.0], [1.0, 0.0, 0.0, 0.0]],
+                        [[0.0, 0.0, 0.0, 0.0], [0.7, 0.7, 0.7, 0.7]]], requires_grad=True)
+    y = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
+                      [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    d = sfm.dice_loss(x1t, y, mode="release")
+    assert not d.requires_grad
+    # reader 0 over the batch: hard [1,1,0,0 | 0,0,0,0] vs [1,0,0,0 | 0,0,0,1]: 2*1 / (2 + 2)
+    # reader 1: hard [1,0,0,0 | 1,1,1,1] vs [1,0,0,0 | 0,0,0,0]: 2*1 / (5 + 1)
+    expect = 1 - (0.5 + 2 / 6) / 2
+    assert float(d) == pytest.approx(expect, abs=1e-6)
+    # per image (detached) differs: image 2 of reader 1 has an empty target
+    assert float(sfm.dice_loss(x1t, y, mode="detached")) != pytest.approx(expect, abs=1e-3)
 
 
 def test_detached_dice_leaves_the_gradient_of_l_fm_unchanged():
@@ -204,7 +235,8 @@ def test_detached_dice_leaves_the_gradient_of_l_fm_unchanged():
         return torch.cat([p.grad.flatten() for p in m.st_net.parameters()])
 
     g0 = grads(alpha=0.0)
-    assert torch.equal(grads(alpha=1.0, dice="detached"), g0)  # the release: "w/o L_SF" is the same
+    assert torch.equal(grads(alpha=1.0, dice="detached"), g0)
+    assert torch.equal(grads(alpha=1.0, dice="release"), g0)  # the release: "w/o L_SF" is the same
     assert not torch.allclose(grads(alpha=1.0, dice="soft"), g0)
 
 
@@ -234,7 +266,7 @@ def test_stages_and_frozen_gtr():
     assert set(logs) == {"l_fm", "l_dice"}
     assert all(p.grad is None for p in m.gtr.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.st_net.parameters())
-    for k, v in m.gtr.state_dict().items():  # BatchNorm running statistics untouched
+    for k, v in m.gtr.state_dict().items():  # the frozen GTR is untouched
         assert torch.equal(v, stats[k]), k
     with pytest.raises(UserError, match="unknown stage 'main'"):
         m.loss("main", images, masks)
@@ -335,21 +367,32 @@ def test_paper_profile_values():
     c = resolve("atfm", "synthetic", "paper").cfg
     m = c.method
     assert m.gtr.widths == (32, 64, 128, 192) and m.rank == 10 and m.mc_samples == 20 and m.antithetic
-    assert m.st_net.widths == (128, 256, 512) and m.st_net.attention_levels == (2,)
+    assert m.gtr.convs_per_block == 3 and m.gtr.norm == "none" and m.gtr.down == "avg" and m.gtr.align_corners
+    assert m.eps == 1e-5 and m.eps_twice
+    assert m.st_net == STNetConfig(dim=0, mults=(1, 2, 4), heads=4, head_dim=32, groups=1)
     assert m.steps == 25 and m.timesteps == 1000 and m.alpha == 1e-3 and m.dice == "soft"
-    assert (c.train["gtr"].epochs, c.train["sfm"].epochs) == (1000, 200)
-    assert c.train["gtr"].lr == c.train["sfm"].lr == 1e-4
+    assert m.time_per == "image" and m.cond == "image"
+    g, f = c.train["gtr"], c.train["sfm"]
+    assert (g.epochs, g.batch_size, g.optimizer, g.lr, g.weight_decay) == (1000, 256, "adamw", 1e-4, 1e-4)
+    assert (f.epochs, f.batch_size, f.optimizer, f.lr, f.weight_decay, f.schedule) == \
+        (200, 6, "adam", 1e-4, 0.0, "constant")
 
 
-@pytest.mark.parametrize("dataset,alpha,epochs,base", [("lidc", 1e-3, (1000, 200), 128),
-                                                       ("isic3", 1e-4, (400, 120), 256)])
-def test_dataset_defaults(dataset, alpha, epochs, base):
+@pytest.mark.parametrize("dataset,alpha,epochs,batches,cond", [("lidc", 1e-3, (1000, 200), (256, 6), "image"),
+                                                              ("isic3", 1e-4, (400, 120), (8, 1), "grey")])
+def test_dataset_defaults(dataset, alpha, epochs, batches, cond):
     layer = yaml.safe_load((ROOT / "configs" / "methods" / "atfm.yaml").read_text())
-    cfg = RunConfig(method=ATFMConfig(), dataset=None, train={"gtr": StageConfig(), "sfm": StageConfig()})
+    from amisbench.registry import DATASETS
+
+    cfg = RunConfig(method=ATFMConfig(), dataset=DATASETS.get(dataset).Config(),
+                    train={"gtr": StageConfig(), "sfm": StageConfig()})
     apply_layer(cfg, layer, "atfm.yaml", profile="paper", dataset=dataset, variant=None, used_variant=[False])
     assert cfg.method.alpha == alpha
     assert (cfg.train["gtr"].epochs, cfg.train["sfm"].epochs) == epochs
-    assert cfg.method.st_net.widths == (base, 2 * base, 4 * base)
+    assert (cfg.train["gtr"].batch_size, cfg.train["sfm"].batch_size) == batches
+    assert cfg.method.cond == cond and cfg.method.st_net.dim == 0  # ST-Net base width = the image size
+    # ISIC: an epoch is one pass over the (image, style) entries, as the release's concatenated loader
+    assert getattr(cfg.dataset, "entries", "none") == ("train" if dataset == "isic3" else "none")
 
 
 VARIANTS = {  # name: (flow, source, alpha, gtr trained, sfm trained)
@@ -371,8 +414,20 @@ def test_variants(variant, profile):
     assert (c.train["sfm"].steps != 0) == sfm_on
 
 
-def test_release_variant_detaches_the_dice():
-    assert resolve("atfm", "synthetic", "quick", "release").cfg.method.dice == "detached"
+def test_release_variant_uses_the_release_dice():
+    assert resolve("atfm", "synthetic", "quick", "release").cfg.method.dice == "release"
+    assert resolve("atfm", "synthetic", "quick").cfg.method.dice == "soft"
+
+
+def test_grey_condition_for_the_st_net_rgb_for_gtr():
+    m = ATFM(tiny_cfg(cond="grey"), DataSpec(channels=3, height=16, width=16, readers=3))
+    assert m.st_net.stem.in_channels == 2 and m.gtr.unet.down_blocks[0].convs[0].in_channels == 3
+    rgb = torch.rand(2, 3, 16, 16)
+    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    torch.testing.assert_close(m.condition(rgb)[:, 0], grey)
+    assert m.sample(rgb, 2, generator=torch.Generator().manual_seed(0)).shape == (2, 2, 16, 16)
+    with pytest.raises(UserError, match="method.cond: 'grey' needs RGB"):
+        ATFM(tiny_cfg(cond="grey"), DataSpec(channels=1, height=16, width=16, readers=4))
 
 
 # ---------------------------------------------------------------------------------------------------
