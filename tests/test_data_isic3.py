@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from amisbench.datasets._layout import annotation_split
+from amisbench.datasets._layout import atfm_gtr_rows, atfm_paper_split, zepf_split
 from amisbench.datasets._prepare import prepare
 from amisbench.datasets.isic3 import ISIC3, ISIC3Config
 from amisbench.errors import UserError
@@ -38,7 +38,12 @@ def test_isic_round_trip(tmp_path, image_ext, sep):
             assert s["group"] == s["id"]
 
 
-def test_clean_split_by_image_and_zepf_split_by_annotation(tmp_path):
+# Taken once from the release's code path (np.random.seed(42); np.random.shuffle(list(range(300)))), for the
+# 300 images of the ISIC3 subset (each style subset lists them once, in image order); not recomputed.
+ISIC_PERM_FIRST = [203, 266, 152, 9, 233, 226, 196, 109, 5, 175]
+
+
+def test_clean_split_by_image_and_the_release_splits(tmp_path):
     F.write_isic(tmp_path / "src", n=30, size=16)
     out = prepare("isic3", tmp_path / "src", tmp_path / "prep", show_progress=False)
     clean = load_all(out)
@@ -46,20 +51,36 @@ def test_clean_split_by_image_and_zepf_split_by_annotation(tmp_path):
     assert not ids["train"] & ids["test"] and not ids["train"] & ids["val"] and not ids["val"] & ids["test"]
     assert sum(map(len, ids.values())) == 30 and len(ids["test"]) == 6 and len(ids["val"]) == 3
     assert clean["test"].protocol_label == ""
+    order = sorted(ids["train"] | ids["val"] | ids["test"])  # image order of the folder
+    # Zepf et al.: contiguous, unshuffled 60/20/20 in image order
     zepf = load_all(out, protocol="zepf")
-    zids = {s: set(d.ids) for s, d in zepf.items()}
-    assert zids["train"] & zids["test"]  # the same image in train and test: the leak the label names
-    assert set().union(*zids.values()) == set(ids["train"] | ids["val"] | ids["test"])
-    assert "leaky protocol" in zepf["test"].protocol_label
-    assert ISIC3.protocol_labels["zepf"] == zepf["test"].protocol_label
+    assert zepf["train"].ids == order[:18] and zepf["val"].ids == order[18:24] and zepf["test"].ids == order[24:]
+    assert ISIC3.protocol_labels["zepf"] == zepf["test"].protocol_label != ""
     assert (out / "splits" / "zepf" / "test.txt").read_text().splitlines() == zepf["test"].ids
+    # ATFM release: shuffled 80 % train (seed 42), unshuffled last 20 % test: leaky
+    atfm = load_all(out, protocol="atfm-paper")
+    assert atfm["train"].ids == [order[i] for i in atfm_paper_split(30)["train"]] and len(atfm["train"]) == 24
+    assert atfm["test"].ids == order[24:] and set(atfm["test"].ids) & set(atfm["train"].ids)
+    assert "leaky protocol" in atfm["test"].protocol_label
+    assert (out / "splits" / "atfm-paper" / "test.txt").read_text().splitlines() == atfm["test"].ids
+    with pytest.raises(UserError, match="dataset.test_fraction does not apply.*fixed release split"):
+        ISIC3(ISIC3Config(root=str(out), protocol="zepf", test_fraction=0.3), "train")
+    # entries: each image once per annotation style, style by style (the release's concatenated loader)
+    ent = ISIC3(ISIC3Config(root=str(out), protocol="atfm-paper", entries="train"), "train")
+    assert ent.ids == atfm["train"].ids * 3
+    assert ISIC3(ISIC3Config(root=str(out), protocol="atfm-paper", entries="train"), "test").ids == order[24:]
+    assert ISIC3(ISIC3Config(root=str(out), protocol="atfm-paper", entries="all"), "test").ids == order[24:] * 3
+    # GTR trains on perm[:floor(0.6 N)]: 18 images, 54 entries
+    gtr = ent.stage_rows("gtr")
+    assert len(gtr) == 54 and {ent.ids[k] for k in gtr} == {order[i] for i in atfm_gtr_rows(30)}
 
 
-def test_annotation_split_partitions_the_annotations():
-    split = annotation_split(300, 3, 0.1, 0.2, 0)
-    # every image appears somewhere; with 900 annotations cut at random, most test images are also in train
-    assert set().union(*map(set, split.values())) == set(range(300))
-    assert len(set(split["test"]) & set(split["train"])) > 0.5 * len(split["test"])
+def test_release_split_sizes_for_the_isic3_subset():
+    z = zepf_split(300)
+    assert [len(z[s]) for s in ("train", "val", "test")] == [180, 60, 60] and z["test"] == list(range(240, 300))
+    a = atfm_paper_split(300)
+    assert (len(a["train"]), len(a["test"])) == (240, 60) and a["train"][:10] == ISIC_PERM_FIRST
+    assert a["test"] == list(range(240, 300)) and atfm_gtr_rows(300) == a["train"][:180]
 
 
 def _missing_mask(root):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amisbench.datasets._layout import atfm_paper_split, group_split
+from amisbench.datasets._layout import atfm_gtr_rows, atfm_paper_split, group_split
 from amisbench.datasets._prepare import prepare
 from amisbench.datasets.lidc import LIDC, LIDCConfig
 from amisbench.errors import UserError
@@ -113,26 +113,40 @@ def test_group_split_fractions_and_stability():
     assert moved < 0.2 * 300
 
 
+# Taken once from the release's code path (dataloaders.py: indices = list(range(N)); np.random.seed(42);
+# np.random.shuffle(indices); int(np.floor(0.8 * N)) / int(np.floor(0.6 * N))) at N = 15,096, not recomputed.
+RELEASE_TRAIN_FIRST = [3692, 7781, 7907, 884, 411, 13602, 9001, 3434, 487, 3369]
+RELEASE_TRAIN_LAST = [365, 13895, 15069, 147, 1668, 11280, 13361, 7650, 8599, 11698]
+RELEASE_GTR_LAST = [5231, 2076, 4103, 7493, 9043, 5968, 12609, 11913, 3966, 10456]
+
+
 def test_atfm_paper_protocol_reproduces_the_release_overlap(tmp_path):
     n = 15096  # the full pickle
     split = atfm_paper_split(n)
-    assert len(split["test"]) == 3019 and split["test"] == list(range(n - 3019, n))  # unshuffled last 20 %
-    assert len(split["train"]) == n - 3019
+    assert (len(split["train"]), len(split["test"])) == (12076, 3020)
+    assert split["train"][:10] == RELEASE_TRAIN_FIRST and split["train"][-10:] == RELEASE_TRAIN_LAST
+    assert split["test"] == list(range(12076, 15096))  # the unshuffled last 20 %
+    assert split["val"] == split["test"]
+    gtr = atfm_gtr_rows(n)
+    assert len(gtr) == 9057 and gtr[:10] == RELEASE_TRAIN_FIRST and gtr[-10:] == RELEASE_GTR_LAST
+    assert gtr == split["train"][:9057]  # the same permutation
     overlap = len(set(split["test"]) & set(split["train"])) / len(split["test"])
     assert 0.77 < overlap < 0.83  # the paper's release: 79 % of its test slices are training slices
-    expected = sorted(np.random.RandomState(42).permutation(n)[: n - 3019].tolist())
-    assert split["train"] == expected
 
     entries = F.make_lidc_entries(n_scans=10, slices=3)
     src = F.write_lidc_pickle(tmp_path / "d.pickle", entries)
     out = prepare("lidc", src, tmp_path / "prep", show_progress=False)
     ds = load_all(out, protocol="atfm-paper")
     keys = list(entries)
-    assert ds["test"].ids == keys[-6:]
+    assert ds["test"].ids == keys[-6:]  # 30 slices: floor(0.8 * 30) = 24 train, 6 test
+    assert len(ds["train"]) == 24 and ds["train"].ids == [keys[i] for i in atfm_paper_split(30)["train"]]
+    # the GTR stage trains on perm[:floor(0.6 * 30)] = the first 18 training rows (train_GTR.py)
+    assert ds["train"].stage_rows("gtr") == list(range(18)) and ds["train"].stage_rows("sfm") is None
+    assert ds["test"].stage_rows("gtr") is None
     assert set(ds["test"].ids) & set(ds["train"].ids)  # leaky by construction
     assert "leaky protocol" in ds["test"].protocol_label
     assert LIDC.protocol_labels["atfm-paper"] == ds["test"].protocol_label
-    with pytest.raises(UserError, match="dataset.split_seed does not apply.*fixed ATFM release split"):
+    with pytest.raises(UserError, match="dataset.split_seed does not apply.*fixed release split"):
         LIDC(LIDCConfig(root=str(out), protocol="atfm-paper", split_seed=3), "train")
 
 
