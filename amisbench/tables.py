@@ -236,6 +236,7 @@ class TableDef:
     reference: str | None = None
     references: list[str] = field(default_factory=list)  # reference methods (top-level reference_rows)
     dataset_names: dict[str, str] = field(default_factory=dict)  # dataset -> name in titles
+    settings: dict[str, dict] = field(default_factory=dict)  # config key -> {title, values}: caption notes
 
     def title_for(self, dataset: str, samples: str = "100") -> str:
         """The caption title for runs on ``dataset`` (``{dataset}`` and ``{samples}`` filled in)."""
@@ -291,7 +292,8 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
         w = f"{where}: tables.{tid}"
         if not isinstance(t, dict):
             raise UserError(f"{w}: expected a mapping")
-        _check_keys(t, ("title", "kind", "dataset", "paper", "columns", "rows", "inference", "reference"), w)
+        _check_keys(t, ("title", "kind", "dataset", "paper", "columns", "rows", "inference", "reference",
+                        "settings"), w)
         for req in ("dataset", "columns", "rows"):
             if req not in t:
                 raise UserError(f"{w}: missing key '{req}'")
@@ -325,8 +327,20 @@ def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
             raise UserError(f"{w}.inference: expected a mapping of method -> list of key=value settings")
         out[str(tid)] = TableDef(str(tid), t.get("title", "{dataset}"), kind, t["dataset"], t.get("paper"),
                                  cols, rows, {k: [str(s) for s in v] for k, v in inference.items()},
-                                 t.get("reference"), list(refs), dict(names))
+                                 t.get("reference"), list(refs), dict(names),
+                                 _settings(t.get("settings") or {}, f"{w}.settings"))
     return out
+
+
+def _settings(raw: Any, where: str) -> dict[str, dict]:
+    """``settings``: config key (``method.dice``) -> {title, values: {value: text}}, stated in the caption."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of config key -> {{title, values}}")
+    for key, spec in raw.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("values", {}), dict):
+            raise UserError(f"{where}.{key}: expected a mapping with 'title' and 'values' (value -> text)")
+        _check_keys(spec, ("title", "values"), f"{where}.{key}")
+    return raw
 
 
 def paper_numbers() -> dict:
@@ -533,7 +547,34 @@ def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: 
     if seeds_note:
         t.notes.append("seeds: " + "; ".join(seeds_note))
     t.notes += _override_notes(df, used)
+    t.notes += _setting_notes(df, used, d.settings)
     t.notes += _unfinished_note(unfinished, ds, prof)
+
+
+def _setting_notes(df: pd.DataFrame, labels: list[str], settings: dict[str, dict]) -> list[str]:
+    """One caption line per ``settings`` key: its value in the rows' runs (from their config.yaml)."""
+    import yaml
+
+    out = []
+    for key, spec in settings.items():
+        by_value: dict[str, list[str]] = {}
+        for label in labels:
+            for d in df[df["label"] == label]["run_dir"].unique():
+                try:
+                    val: Any = yaml.safe_load((Path(d) / "config.yaml").read_text()) or {}
+                    for part in key.split("."):
+                        val = val[part]
+                except (OSError, yaml.YAMLError, KeyError, TypeError):
+                    continue
+                rows = by_value.setdefault(str(val), [])
+                if label not in rows:
+                    rows.append(label)
+        if by_value:
+            texts = spec.get("values") or {}
+            parts = [f"{v}" + (f" = {texts[v]}" if v in texts else "") + f" ({', '.join(rows)})"
+                     for v, rows in by_value.items()]
+            out.append(f"{spec.get('title', key)} ({key}): " + "; ".join(parts))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -292,3 +292,12 @@ def test_paper_numbers_ship_with_the_package_in_one_copy():
     if not shared.is_file():
         pytest.skip("../shared is absent")
     assert packaged == shared.read_text()
+
+
+def test_table4_caption_states_which_dice_l_sf_used(tmp_path):
+    for variant, dice in (("act_gtr", "soft"), ("atfm", "release")):
+        d = fake_run(tmp_path, "atfm", 0, {"GED_100": 0.2, "HMIoU_32": 0.6}, dataset="lidc", variant=variant)
+        (d / "config.yaml").write_text(f"sources: []\nmethod: {{dice: {dice}}}\n")
+    notes = " ".join(build_table("4", tmp_path).notes)
+    assert ("L_SF Dice (method.dice): soft = the paper's differentiable soft Dice (atfm-act_gtr); "
+            "release = the release's detached batch-global hard Dice (atfm-atfm)") in notes
