@@ -150,6 +150,31 @@ def test_atfm_paper_protocol_reproduces_the_release_overlap(tmp_path):
         LIDC(LIDCConfig(root=str(out), protocol="atfm-paper", split_seed=3), "train")
 
 
+def test_atfm_gtr_stage_trains_on_the_release_gtr_rows(tmp_path, monkeypatch):
+    """Under atfm-paper the runner gives the gtr stage perm[:floor(0.6 N)] only, and counts its epochs there."""
+    from amisbench import runner
+
+    entries = F.make_lidc_entries(n_scans=10, slices=3)  # 30 slices: 24 train rows, 18 of them GTR rows
+    out = prepare("lidc", F.write_lidc_pickle(tmp_path / "d.pickle", entries), tmp_path / "prep",
+                  show_progress=False)
+    seen: dict[str, set[int]] = {}
+    real = runner.collate
+
+    def spy(dataset, idx, device, aug_seed=None):
+        seen.setdefault(aug_seed[1], set()).update(idx)
+        return real(dataset, idx, device, aug_seed)
+
+    monkeypatch.setattr(runner, "collate", spy)
+    sets = ["train.gtr.steps=null", "train.gtr.epochs=2", "train.gtr.batch_size=4", "train.sfm.steps=null",
+            "train.sfm.epochs=1", "train.sfm.batch_size=4", "dataset.size=16"]
+    folder = runner.run("atfm", "lidc", profile="smoke", data_root=str(out), protocol="atfm-paper", sets=sets,
+                        results=tmp_path / "res", quiet=True)
+    log = (folder / "train_log.csv").read_text().splitlines()
+    last = {row.split(",")[0]: int(row.split(",")[1]) for row in log[1:]}
+    assert last == {"gtr": 2 * 5, "sfm": 6}  # ceil(18 / 4) = 5 steps per GTR epoch, ceil(24 / 4) = 6 for SFM
+    assert seen["gtr"] <= set(range(18)) and len(seen["gtr"]) == 18 and seen["sfm"] == set(range(24))
+
+
 def test_patient_from_key_prefix_when_the_series_is_missing(tmp_path):
     entries = F.make_lidc_entries(n_scans=4, slices=2)
     for e in list(entries.values())[::2]:
