@@ -441,8 +441,8 @@ def test_atfm_beats_its_own_thresholded_gtr(tmp_path):
     from amisbench.runner import run
     from amisbench.store import load_torch
 
-    # the quick networks on 32 px images, 80 steps per stage, 6 test images (about a minute of CPU)
-    sets = ["dataset.size=32", "dataset.train_groups=40", "train.gtr.steps=80", "train.sfm.steps=80",
+    # the quick networks on 32 px images, 80 GTR and 240 SFM steps, 6 test images (about a minute of CPU)
+    sets = ["dataset.size=32", "dataset.train_groups=40", "train.gtr.steps=80", "train.sfm.steps=240",
             "eval.max_images=6"]
     folder = run("atfm", "synthetic", seed=0, profile="quick", sets=sets, results=tmp_path, quiet=True)
     atfm = yaml.safe_load((folder / "metrics.json").read_text())

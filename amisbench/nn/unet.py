@@ -4,8 +4,8 @@ Widths, depth (one level per width), convolutions per block, normalisation, down
 config values. With ``time_dim > 0`` every block is conditioned on a time embedding (sinusoidal features,
 then an MLP) through a per-block scale and shift of its normalised activations (FiLM, as in DDPM-style
 U-Nets); ``attention_levels`` adds self-attention blocks at those levels (0 = full resolution), typically
-the lowest resolution only. The same class serves SSN/GTR (no time), the ATFM ST-Net and diffusion
-baselines (with time).
+the lowest resolution only. The same class serves SSN/GTR (no time) and diffusion baselines (with time);
+the ATFM ST-Net has the release's own layout (``methods/atfm/st_net.py``).
 """
 
 from __future__ import annotations
