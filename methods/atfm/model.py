@@ -143,7 +143,7 @@ class ATFM(Method):
         for key, net, load in (("init_gtr", self.gtr, release.load_gtr),
                                ("init_sfm", self.st_net, release.load_st_net)):
             path = getattr(cfg, key)
-            if path:
+            if path and not next(net.parameters()).is_meta:  # a meta build (parameter count) holds no weights
                 state = release.read_checkpoint(path, f"method.{key}")
                 try:
                     load(net, state)
