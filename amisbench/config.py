@@ -46,10 +46,23 @@ class StageConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
+    schedule: Literal["constant", "linear", "cosine", "step", "plateau"] = "constant"
     min_lr: float = 0.0  # ``linear`` / ``cosine`` decay from ``lr`` to ``min_lr`` at the last step
     step_size: int = 0  # for ``step``: decay every ``step_size`` steps by ``gamma``
-    gamma: float = 0.1
+    gamma: float = 0.1  # ``step`` and ``plateau``: the factor of each decay
+    # ``plateau``: multiply the lr by ``gamma`` when the validation metric ``plateau_metric`` (default: the
+    # one of ``select``) has not improved by more than ``plateau_threshold`` (relative) for ``patience``
+    # evaluations (one every ``eval_every`` steps), never below ``min_lr`` (torch's ReduceLROnPlateau, rel mode)
+    plateau_metric: str = ""
+    patience: int = 10
+    plateau_threshold: float = 1e-4
+    # Checkpoint selection: ``last``, or ``best:<metric>`` (GED, GED_true, HMIoU, MDM, diversity) scored on
+    # the validation split every ``eval_every`` steps (eval.val_images x eval.val_samples); ckpt/best.pt
+    eval_every: int = 0
+    select: str = "last"
+    # Augmentation of this stage's training batches (datasets/_augment.py): None keeps the dataset's default,
+    # a list replaces it (``[]``: none), e.g. [hflip, vflip, rot90, {rotate: 15}, {scale: [0.9, 1.1]}]
+    augment: list[Any] | None = None
     warmup_steps: int = 0
     grad_clip: float | None = None
     ema_decay: float | None = None
@@ -72,6 +85,12 @@ class EvalConfig:
     max_images: int | None = None  # None: the whole split
     amp: bool = False  # bfloat16 autocast while sampling on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the method's networks before sampling (Method.compile_targets)
+    # validation during training (train.<stage>.select / schedule plateau): the first val_images images of the
+    # validation split, val_samples samples each. Where a protocol's validation split is its test split, a
+    # seeded part of the training split (val_carve_fraction of its groups) is held out instead.
+    val_images: int = 100
+    val_samples: int = 16
+    val_carve_fraction: float = 0.1
 
 
 LOGGERS = ("csv", "tensorboard")

@@ -32,6 +32,7 @@ from .loggers import check_tensorboard, open_logger
 from .pace import Pace, duration, estimate
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed, generator
+from . import selection as SEL
 from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
                     clean_temporaries, finished_hash, is_done, load_torch, read_run_info, run_dir, save_torch,
                     write_json, write_yaml)
@@ -119,15 +120,17 @@ def make_optimizer(params: list[torch.nn.Parameter], sc: StageConfig) -> torch.o
     return torch.optim.SGD(params, lr=sc.lr, momentum=sc.betas[0], weight_decay=sc.weight_decay)
 
 
-def lr_factor(sc: StageConfig, total: int):
+def lr_factor(sc: StageConfig, total: int, plateau: SEL.Plateau | None = None):
     """Multiplier of ``sc.lr`` at optimizer step ``step`` (0-based) of a stage of ``total`` steps: linear
     warm-up, then constant, linear (polynomial of power 1, CCDM's release) or cosine decay reaching
-    ``min_lr`` at the last step, or step decay."""
+    ``min_lr`` at the last step, step decay, or the current factor of a reduce-on-plateau schedule."""
     floor = sc.min_lr / sc.lr if sc.lr > 0 else 0.0
 
     def f(step: int) -> float:
         if sc.warmup_steps and step < sc.warmup_steps:
             return (step + 1) / sc.warmup_steps
+        if plateau is not None:
+            return plateau.factor
         if sc.schedule in ("linear", "cosine"):
             frac = min(1.0, (step - sc.warmup_steps) / max(1, total - 1 - sc.warmup_steps))
             shape = 1 - frac if sc.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
@@ -151,9 +154,11 @@ def batch_indices(seed: int, stage: str, step: int, n: int, batch_size: int) -> 
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def collate(dataset: Any, idx: list[int], device: torch.device, aug_seed: tuple | None = None):
+def collate(dataset: Any, idx: list[int], device: torch.device, aug_seed: tuple | None = None, augment=None):
+    """Stack the items ``idx``; with ``aug_seed``, augment each one by ``augment`` (default: the dataset's)
+    from a generator seeded by (aug_seed, position in the batch)."""
     images, masks = [], []
-    augment = getattr(dataset, "augment", None)
+    augment = augment if augment is not None else getattr(dataset, "augment", None)
     for j, i in enumerate(idx):
         it = dataset[i]
         im, mk = it["image"], it["masks"]
@@ -280,6 +285,8 @@ def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
         raise UserError(f"--seed {spec.seed}: expected a non-negative integer")
     res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets, set_labels=labels)
     check_values(res.cfg)  # values the types alone do not check (grid validates through here)
+    for stage, sc in res.cfg.train.items():
+        SEL.check_stage(sc, res.cfg.eval, f"train.{stage}")
     protocol = getattr(res.cfg.dataset, "protocol", None)
     default_protocol = getattr(type(res.cfg.dataset)(), "protocol", None)
     if res.cfg.logger == "tensorboard":
@@ -386,6 +393,9 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     dcls = DATASETS.get(spec.dataset)
     train_ds = dcls(cfg.dataset, "train")
     eval_ds = dcls(cfg.dataset, cfg.eval.split)
+    val_ds, val_label = None, None
+    if any(SEL.needs_validation(sc) for sc in cfg.train.values()):
+        train_ds, val_ds, val_label = SEL.validation_split(dcls, cfg, train_ds, split_hash)
     subsets = {s: getattr(train_ds, "stage_rows", lambda _: None)(s) for s in cfg.train}  # a stage's part
     budgets = {s: stage_steps(sc, len(subsets[s]) if subsets[s] is not None else len(train_ds), f"train.{s}")
                for s, sc in cfg.train.items()}
@@ -425,8 +435,12 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         for text in pre_estimate(model, mcls.stages, left, cfg, train_ds, eval_ds, dev, spec.seed):
             rep.line(f"{name}: {text}")
 
-    def checkpoint(stage: str, step: int, opt, sched, ema, extra_time: float) -> None:
-        save_torch(ckpt_path, {
+    selection: dict[str, dict] = dict(state.get("selection", {})) if state else {}
+
+    def checkpoint(stage: str, step: int, opt, sched, ema, extra_time: float, path: Path | None = None,
+                   plateau: SEL.Plateau | None = None) -> None:
+        save_torch(path or ckpt_path, {
+            "selection": selection, "plateau": plateau.state_dict() if plateau else None,
             "config_hash": chash, "model": model.state_dict(), "stage": stage, "step": step,
             "optimizer": opt.state_dict() if opt else None, "scheduler": sched.state_dict() if sched else None,
             "ema": ema, "done_stages": done_stages, "log": log_rows,
@@ -446,8 +460,16 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         if total > 0 and not params:
             raise RunFailed(f"{spec.method}: stage '{stage}' has no trainable parameters")
         opt = make_optimizer(params, sc) if total > 0 else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, total)) if opt else None
+        pmetric = SEL.plateau_metric(sc, f"train.{stage}")
+        plateau = SEL.Plateau(sc, pmetric) if pmetric else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sc, total, plateau)) if opt else None
         ema = {f"{i}": p.detach().clone() for i, p in enumerate(params)} if sc.ema_decay else None
+        smetric = SEL.selection_metric(sc, f"train.{stage}")
+        augment = SEL.stage_augment(sc, train_ds)
+        if smetric and stage not in selection:
+            selection[stage] = {"select": sc.select, "metric": f"{smetric}_{cfg.eval.val_samples}", "step": None,
+                                "value": None, "validation": val_label,
+                                "val_images": min(len(val_ds), cfg.eval.val_images)}
         step = 0
         stage_time = 0.0
         if state and state["stage"] == stage:
@@ -461,6 +483,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                     raise CheckpointError(f"checkpoint {ckpt_path}: its optimizer state does not fit this stage "
                                           f"({e}); delete it or pass --force to start over") from None
             ema = state["ema"] if sc.ema_decay else None
+            if plateau is not None and state.get("plateau"):
+                plateau.load_state_dict(state["plateau"])
             torch.set_rng_state(state["rng"])
             if dev.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], dev)
@@ -476,7 +500,7 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                                     sc.batch_size)
                 if sub is not None:
                     idx = [sub[i] for i in idx]
-                images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step))
+                images, masks = collate(train_ds, idx, dev, (spec.seed, stage, step), augment)
                 loss, logs = forward(model, stage, sc, dev, images, masks)
                 if not torch.isfinite(loss):
                     raise RunFailed(
@@ -499,10 +523,22 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                     if extra_log is not None:
                         extra_log.log(row)
                 rep.update(step, f"loss {float(loss.detach()):.4f}", every=sc.log_every)
-                if step % sc.ckpt_every == 0 and step < total:
-                    checkpoint(stage, step, opt, sched, ema, time.time() - t0)
+                saved = False
+                if val_ds is not None and (smetric or plateau) and (step % sc.eval_every == 0 or step == total):
+                    saved = _validation_step(model, val_ds, cfg.eval, spec.seed, dev, folder, stage, step, sc,
+                                             params, ema, plateau, opt, sched, selection, log_rows,
+                                             lambda path: checkpoint(stage, step, opt, sched, ema,
+                                                                     time.time() - t0, path, plateau))
+                if (saved or step % sc.ckpt_every == 0) and step < total:
+                    checkpoint(stage, step, opt, sched, ema, time.time() - t0, plateau=plateau)
         finally:
             rep.stop()
+        if smetric and selection[stage]["step"] is not None and selection[stage]["step"] != step:
+            best = load_torch(folder / "ckpt" / "best.pt", map_location=dev)  # the selected weights
+            model.load_state_dict(best["model"])
+            ema = best["ema"]
+            rep.line(f"{name}: {stage} selected step {selection[stage]['step']} "
+                     f"({selection[stage]['metric']} {selection[stage]['value']:.4f} on validation)")
         if ema is not None:
             with torch.no_grad():
                 for i, p in enumerate(params):
@@ -545,6 +581,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": timings,
         "parameters": sum(p.numel() for p in model.parameters()), "nfe_per_100_samples": model.nfe(100),
         "git": git_info(), "env": environment(dev), "deterministic": dev.type == "cpu",
+        "selection": selection or None,
+        "augment": {s: SEL.describe_augment(cfg.train[s], train_ds) for s in mcls.stages},
     }
     write_json(folder / "run.json", info)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "n_images")
@@ -567,7 +605,7 @@ def warmup_step(cfg: Any, train_ds: Any, dev: torch.device, seed: int, left: dic
             return
         params, opt, sched = optimisers[stage]
         images, masks = collate(train_ds, batch_indices(seed, stage, k, len(train_ds), sc.batch_size), dev,
-                                (seed, stage, k))
+                                (seed, stage, k), SEL.stage_augment(sc, train_ds))
         update(forward(twin, stage, sc, dev, images, masks)[0], params, opt, sched, sc)
 
     return train_step
@@ -589,6 +627,43 @@ def pre_estimate(model: torch.nn.Module, stages: list[str], left: dict[str, int]
                    eval_call=eval_call, eval_images=n_eval, eval_batch=max(1, cfg.eval.batch_images),
                    eval_samples=cfg.eval.n_samples, device=dev)
     return est.lines(cfg.eval.n_samples)
+
+
+def _validation_step(model, val_ds, ecfg, seed, dev, folder, stage, step, sc, params, ema, plateau, opt, sched,
+                     selection, log_rows, save) -> bool:
+    """Score the validation set at ``step`` (with the EMA weights when the stage keeps an EMA), log it, feed
+    the plateau schedule and, on a new best, write ckpt/best.pt through ``save``. True when it saved."""
+    backup = None
+    if ema is not None:
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in params]
+            for i, p in enumerate(params):
+                p.copy_(ema[f"{i}"])
+    try:
+        vals = SEL.validate(model, val_ds, ecfg, seed=seed, device=dev, out_dir=folder / "val_tmp")
+    finally:
+        if backup is not None:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+    n = ecfg.val_samples
+    log_rows.append({"stage": stage, "step": step, **{f"val_{k}_{n}": v for k, v in vals.items()}})
+    if plateau is not None and plateau.metric in vals and plateau.observe(vals[plateau.metric]):
+        for g, base, lam in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    rec = selection.get(stage)
+    if rec is None:
+        return False
+    metric = sc.select.partition(":")[2]
+    if metric not in vals:
+        raise UserError(f"train.{stage}.select: the validation set has no {metric} "
+                        f"(known here: {', '.join(vals)})")
+    if not SEL.improved(vals[metric], rec["value"], metric):
+        return False
+    rec["step"], rec["value"] = step, vals[metric]
+    save(folder / "ckpt" / "best.pt")
+    return True
 
 
 def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Any, Resolved]:
