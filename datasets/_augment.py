@@ -11,6 +11,10 @@ Two entry points:
   - ``rot90``: rotate by k x 90 degrees, k uniform in 0..3 (exact, no interpolation);
   - ``{rotate: D}``: rotation by an angle uniform in [-D, D] degrees;
   - ``{scale: [lo, hi]}``: isotropic zoom by a factor uniform in [lo, hi] (> 1 enlarges the content);
+  - ``{crop_scale: O}``: PHiSeg-code's scale augmentation (``data/batch_provider.py``, ``do_scaleaug``): a
+    square of side n - k (k uniform integer in 0..O) at a uniform integer position, resized back to n x n;
+  - ``{random_apply: {p: P, transforms: [...]}}``: the listed transforms together with probability P (the
+    PHiSeg-code batch provider rotates and scales half of the images: ``augment_every_nth`` = 2);
   - ``{elastic: {alpha: A, sigma: S}}``: a smooth random displacement field, white noise blurred by a
     Gaussian of S pixels and scaled so that its largest component is A pixels;
   - ``{jitter: {brightness: b, contrast: c, saturation: s, hue: h}}``: intensity only (masks untouched),
@@ -94,20 +98,24 @@ def augment(image: Tensor, masks: Tensor, generator: torch.Generator | None, *, 
 class Transform:
     """One parsed item of an ``augment`` list."""
 
-    kind: str  # hflip, vflip, rot90, rotate, scale, elastic, jitter
+    kind: str  # hflip, vflip, rot90, rotate, scale, crop_scale, random_apply, elastic, jitter
     params: tuple[tuple[str, float], ...] = ()
+    inner: tuple["Transform", ...] = ()  # random_apply only
 
     def p(self, key: str) -> float:
         return dict(self.params)[key]
 
     def describe(self) -> str:
+        if self.kind == "random_apply":
+            return f"with p={self.p('p'):g}: [" + ", ".join(t.describe() for t in self.inner) + "]"
         if not self.params:
             return self.kind
         return f"{self.kind}(" + ", ".join(f"{k}={v:g}" for k, v in self.params) + ")"
 
 
 _KEYS = {"hflip": ("p",), "vflip": ("p",), "rot90": (), "rotate": ("degrees",), "scale": ("low", "high"),
-         "elastic": ("alpha", "sigma"), "jitter": ("brightness", "contrast", "saturation", "hue")}
+         "crop_scale": ("offset",), "random_apply": ("p", "transforms"), "elastic": ("alpha", "sigma"),
+         "jitter": ("brightness", "contrast", "saturation", "hue")}
 
 
 def _number(v: Any, where: str) -> float:
@@ -140,6 +148,19 @@ def parse_augment(items: Any, where: str = "augment") -> tuple[Transform, ...]:
             if arg is not None:
                 raise UserError(f"{w}: rot90 takes no value, got {arg!r}")
             params = ()
+        elif kind == "crop_scale":
+            o = _number(arg, w)
+            if o < 0 or not o.is_integer():
+                raise UserError(f"{w}: expected a non-negative whole number of pixels, got {arg!r}")
+            params = (("offset", o),)
+        elif kind == "random_apply":
+            if not isinstance(arg, dict) or set(arg) != {"p", "transforms"}:
+                raise UserError(f"{w}: expected {{p: probability, transforms: [...]}}, got {arg!r}")
+            p = _number(arg["p"], f"{w}.p")
+            if not 0 <= p <= 1:
+                raise UserError(f"{w}.p: expected a probability in [0, 1], got {arg['p']!r}")
+            out.append(Transform(kind, (("p", p),), parse_augment(arg["transforms"], f"{w}.transforms")))
+            continue
         elif kind == "rotate":
             d = _number(arg, w)
             if d < 0:
@@ -180,17 +201,30 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return h[:, 0]
 
 
-def _elastic_grid(h: int, w: int, alpha: float, sigma: float, generator: torch.Generator | None) -> Tensor:
+def _identity_grid(h: int, w: int) -> Tensor:
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)[None]  # (1,H,W,2), grid_sample's (x, y) order
+
+
+def _affine_map(a: float, b: float, c: float, d: float, e: float, f: float):
+    """Output -> input coordinates (normalised): x' = a x + b y + c, y' = d x + e y + f."""
+    return lambda g: torch.stack([a * g[..., 0] + b * g[..., 1] + c, d * g[..., 0] + e * g[..., 1] + f], dim=-1)
+
+
+def _elastic_map(h: int, w: int, alpha: float, sigma: float, generator: torch.Generator | None):
     dev = generator.device if generator is not None else torch.device("cpu")
     noise = torch.rand((2, h, w), generator=generator, device=dev, dtype=torch.float32).cpu() * 2 - 1
     field = _gaussian_blur(noise, sigma)
     field = field / field.abs().amax().clamp_min(1e-12) * alpha  # pixels
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    gx = gx + field[0] * 2 / w
-    gy = gy + field[1] * 2 / h
-    return torch.stack([gx, gy], dim=-1)[None]
+    field = torch.stack([field[0] * 2 / w, field[1] * 2 / h])[None]  # normalised (1,2,H,W)
+
+    def move(g: Tensor) -> Tensor:
+        d = F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        return g + d.permute(1, 2, 0)[None]
+
+    return move
 
 
 def _grey(img: Tensor) -> Tensor:
@@ -227,31 +261,71 @@ def _jitter(img: Tensor, t: Transform, u: list[float]) -> Tensor:
     return x.to(img.dtype)
 
 
-def apply_augment(transforms: tuple[Transform, ...], image: Tensor, masks: Tensor,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Apply a parsed ``augment`` list to an image (C,H,W) and its reader masks (A,H,W) alike."""
+def _steps(transforms: tuple[Transform, ...], h: int, w: int, generator: torch.Generator | None):
+    """The transforms in order as ("exact" | "map" | "intensity", function), drawing their randomness in order."""
     for t in transforms:
-        h, w = image.shape[-2:]
         if t.kind in ("hflip", "vflip"):
             if _uniform(1, generator)[0] < t.p("p"):
                 dim = -1 if t.kind == "hflip" else -2
-                image, masks = image.flip(dim), masks.flip(dim)
+                yield "exact", lambda x, dim=dim: x.flip(dim)
         elif t.kind == "rot90":
             k = min(3, int(_uniform(1, generator)[0] * 4))
             if k:
-                image, masks = torch.rot90(image, k, (-2, -1)), torch.rot90(masks, k, (-2, -1))
+                yield "exact", lambda x, k=k: torch.rot90(x, k, (-2, -1))
         elif t.kind == "rotate":
             angle = math.radians(t.p("degrees") * (2 * _uniform(1, generator)[0] - 1))
-            if angle:
-                image, masks = _resample(image, masks, _affine_grid(angle, 1.0, h, w))
+            if angle:  # output -> input: rotate back by -angle
+                c, s = math.cos(angle), math.sin(angle)
+                yield "map", _affine_map(c, -s, 0.0, s, c, 0.0)
         elif t.kind == "scale":
             lo, hi = t.p("low"), t.p("high")
-            scale = lo + (hi - lo) * _uniform(1, generator)[0]
-            if scale != 1.0:
-                image, masks = _resample(image, masks, _affine_grid(0.0, scale, h, w))
+            z = lo + (hi - lo) * _uniform(1, generator)[0]
+            if z != 1.0:
+                yield "map", _affine_map(1 / z, 0.0, 0.0, 0.0, 1 / z, 0.0)
+        elif t.kind == "crop_scale":
+            o = int(t.p("offset"))
+            u = _uniform(3, generator)
+            r = h - min(o, int(u[0] * (o + 1)))  # side of the square, as np.random.random_integers(n - o, n)
+            px, py = min(w - r, int(u[1] * (w - r + 1))), min(h - r, int(u[2] * (h - r + 1)))
+            if r != h or px or py:  # output pixel centres -> the crop [px, px + r) x [py, py + r)
+                yield "map", _affine_map(r / w, 0.0, (2 * px + r) / w - 1, 0.0, r / h, (2 * py + r) / h - 1)
+        elif t.kind == "random_apply":
+            if _uniform(1, generator)[0] < t.p("p"):
+                yield from _steps(t.inner, h, w, generator)
         elif t.kind == "elastic":
             if t.p("alpha") > 0:
-                image, masks = _resample(image, masks, _elastic_grid(h, w, t.p("alpha"), t.p("sigma"), generator))
+                yield "map", _elastic_map(h, w, t.p("alpha"), t.p("sigma"), generator)
         else:
-            image = _jitter(image, t, _uniform(4, generator))
-    return image, masks
+            u = _uniform(4, generator)
+            yield "intensity", lambda x, t=t, u=u: _jitter(x, t, u)
+
+
+def apply_augment(transforms: tuple[Transform, ...], image: Tensor, masks: Tensor,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Apply a parsed ``augment`` list to an image (C,H,W) and its reader masks (A,H,W) alike.
+
+    Consecutive resampling transforms are composed into one sampling grid, so the image and the masks are
+    interpolated once per run of them, not once per transform.
+    """
+    h, w = image.shape[-2:]
+    maps: list = []
+
+    def flush(image: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        if not maps:
+            return image, masks
+        g = _identity_grid(h, w)
+        for m in reversed(maps):  # output -> ... -> input: the last transform's map is applied first
+            g = m(g)
+        maps.clear()
+        return _resample(image, masks, g)
+
+    for kind, fn in _steps(transforms, h, w, generator):
+        if kind == "map":
+            maps.append(fn)
+            continue
+        image, masks = flush(image, masks)
+        if kind == "exact":
+            image, masks = fn(image), fn(masks)
+        else:
+            image = fn(image)
+    return flush(image, masks)

@@ -32,6 +32,11 @@ class UNetConfig:
     dropout: float = 0.0
     attention_levels: tuple[int, ...] = ()
     attention_heads: int = 4
+    conv_bias: bool = True  # False: no bias in convolutions followed by a norm (the TF releases with BatchNorm)
+    # output width of the decoder block at each level 0..depth-2 (empty: ``widths``, the usual U-Net); the
+    # PHiSeg-code likelihoods decode level k at the width of level k + 1: (64, 128, 192, 192, 192, 192)
+    decoder_widths: tuple[int, ...] = ()
+    recomb: int = 0  # 1x1 conv + norm + activation layers to widths[0] after the decoder (PHiSeg-code: 3)
 
 
 def make_norm(kind: str, ch: int, groups: int = 8) -> nn.Module:
@@ -69,7 +74,8 @@ class ConvBlock(nn.Module):
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(cfg.convs_per_block):
-            self.convs.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1))
+            self.convs.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1,
+                                        bias=cfg.conv_bias or cfg.norm == "none"))
             self.norms.append(make_norm(cfg.norm, cout, cfg.groups))
         self.act = _act(cfg.activation)
         self.drop = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -126,7 +132,11 @@ class UNet(nn.Module):
         self.cfg = cfg
         self.time_dim = time_dim
         w = list(cfg.widths)
-        self.features = w[0]
+        dec = list(cfg.decoder_widths) or w[:-1]
+        if len(dec) != len(w) - 1:
+            raise ValueError(f"decoder_widths: expected {len(w) - 1} widths (one per level above the bottom), "
+                             f"got {len(dec)}")
+        self.features = w[0] if cfg.recomb else dec[0] if dec else w[0]
         if time_dim > 0:
             self.time_mlp = nn.Sequential(nn.Linear(w[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.down_blocks = nn.ModuleList()
@@ -148,15 +158,20 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         self.up_attn = nn.ModuleDict()
+        below = w[-1]  # width of what comes up from the level below
         for i in range(len(w) - 2, -1, -1):
             if cfg.up == "transpose":
-                self.ups.append(nn.ConvTranspose2d(w[i + 1], w[i + 1], 2, stride=2))
+                self.ups.append(nn.ConvTranspose2d(below, below, 2, stride=2))
             else:
                 self.ups.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=cfg.align_corners))
-            self.up_blocks.append(ConvBlock(w[i + 1] + w[i], w[i], cfg, time_dim))
+            self.up_blocks.append(ConvBlock(below + w[i], dec[i], cfg, time_dim))
             if i in cfg.attention_levels:
-                self.up_attn[str(i)] = Attention(w[i], cfg.attention_heads, cfg.groups)
-        self.head = nn.Conv2d(w[0], out_channels, 1) if out_channels > 0 else None
+                self.up_attn[str(i)] = Attention(dec[i], cfg.attention_heads, cfg.groups)
+            below = dec[i]
+        self.recomb = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(below if j == 0 else w[0], w[0], 1, bias=cfg.conv_bias or cfg.norm == "none"),
+                          make_norm(cfg.norm, w[0], cfg.groups), _act(cfg.activation)) for j in range(cfg.recomb)])
+        self.head = nn.Conv2d(self.features, out_channels, 1) if out_channels > 0 else None
 
     def forward(self, x: Tensor, t: Tensor | None = None, *, return_features: bool = False):
         factor = 2 ** (len(self.cfg.widths) - 1)
@@ -181,6 +196,7 @@ class UNet(nn.Module):
             h = block(torch.cat([up(h), skips.pop()], dim=1), temb)
             if str(level) in self.up_attn:
                 h = self.up_attn[str(level)](h)
+        h = self.recomb(h)
         if self.head is None or return_features:
             return h if self.head is None else (self.head(h), h)
         return self.head(h)
