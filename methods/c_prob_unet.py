@@ -29,6 +29,9 @@ from .prob_unet import ProbUNet, ProbUNetConfig
 
 @dataclass
 class CProbUNetConfig(ProbUNetConfig):
+    # as before Prob. U-Net's default became the PyTorch port (1 logit, beta 10): 2 softmax classes, beta 1
+    classes: int = 2
+    beta: float = 1.0
     style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
 
 

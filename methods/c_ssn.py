@@ -11,8 +11,9 @@ information). ``nfe(n) = min(n, A)`` with ``mix`` (one U-Net pass per image and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from amisbench.nn import UNetConfig
 from amisbench.registry import register_method
 
 from ._style import Style, StyleConditioned
@@ -21,6 +22,8 @@ from .ssn import SSN, SSNConfig
 
 @dataclass
 class CSSNConfig(SSNConfig):
+    # the 4-level U-Net c-SSN had before SSN's default became the 7-level LIDC release network
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(widths=(32, 64, 128, 192)))
     style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
 
 

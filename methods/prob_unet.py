@@ -13,9 +13,15 @@ concatenates it with ``f`` and applies three 1x1 conv + ReLU and a final 1x1 con
 
 Training: ``loss = CE(f_comb(f, z_q), y) + beta * KL(q(z | x, y) || p(z | x))`` with z_q a reparameterised
 posterior sample, the cross-entropy summed over pixels and both terms averaged over the batch (the release's
-``elbo``); beta = 1 in the paper and release, 10 in the PyTorch port (variant ``beta10``). An L2 penalty
-(weight 1e-5, ``tf.nn.l2_loss`` = sum(w^2)/2) on the weights as in the release's training script. One reader
-per image is drawn at random at every step.
+``elbo``). An L2 penalty (weight 1e-5, ``tf.nn.l2_loss`` = sum(w^2)/2) on the weights as in the release's
+training script. One reader per image is drawn at random at every step.
+
+Two releases, one switch apart. Default (``classes = 1``, beta = 10): the PyTorch port the suite's parameter
+count refers to (stefanknegt/Probabilistic-Unet-Pytorch ``probabilistic_unet.py``: ``num_classes=1``, one
+logit per pixel trained with ``BCEWithLogitsLoss`` summed over pixels, the posterior sees the image and the
+raw {0,1} mask, ``beta=10.0``; 4,999,449 parameters at 128x128x1). Variant ``kohl`` (``classes = 2``, beta
+= 1): the authors' TensorFlow release (SimonKohl/probabilistic_unet ``model/probabilistic_unet.py`` and
+``training/prob_unet_config.py``), two softmax classes, posterior input one-hot labels shifted by -0.5.
 
 Sampling: one U-Net and one prior-net pass per image; every sample draws z ~ p(z | x) and runs only
 ``f_comb``. The first 1x1 conv of ``f_comb`` is linear in the concatenation ``[f, z]``, so its ``f`` part is
@@ -51,9 +57,9 @@ class ProbUNetConfig:
     encoder_convs: int = 3  # convs per encoder block (release: num_convs_per_block = 3)
     latent_dim: int = 6
     fcomb_convs: int = 3  # 1x1 conv + ReLU layers before the final 1x1 logits conv (release: num_1x1_convs = 3)
-    beta: float = 1.0  # KL weight: 1 in the paper and release, 10 in the PyTorch port
+    beta: float = 10.0  # KL weight: 10 in the PyTorch port (ProbabilisticUnet(beta=10.0)), 1 in Kohl's release
     l2_weight: float = 1e-5  # release: regularizarion_weight = 1e-5 on sum(w^2)/2
-    classes: int = 2
+    classes: int = 1  # 1: one logit per pixel, BCE (the PyTorch port); 2: softmax over 2 classes (Kohl's release)
     sample_chunk: int = 1024  # most (image, sample) pairs per f_comb batch (0: all at once); memory only
 
 
@@ -90,8 +96,8 @@ class ProbUNet(Method):
     def __init__(self, cfg: ProbUNetConfig, spec: DataSpec):
         super().__init__(cfg, spec)
         check_chunk(cfg.sample_chunk)
-        if cfg.latent_dim < 1 or cfg.fcomb_convs < 1 or cfg.classes < 2:
-            raise ValueError("latent_dim and fcomb_convs must be at least 1 and classes at least 2")
+        if cfg.latent_dim < 1 or cfg.fcomb_convs < 1 or cfg.classes < 1:
+            raise ValueError("latent_dim, fcomb_convs and classes must be at least 1")
         enc_widths = tuple(cfg.encoder_widths) or tuple(cfg.unet.widths)
         self.unet = UNet(spec.channels, 0, cfg.unet)
         self.prior = AxisAlignedConvGaussian(spec.channels, enc_widths, cfg.encoder_convs, cfg.latent_dim)
@@ -127,13 +133,19 @@ class ProbUNet(Method):
 
     def loss(self, stage, images, masks):
         y = pick_reader(masks)
-        seg = one_hot(y, self.cfg.classes) - 0.5  # the release feeds one-hot labels shifted by -0.5
+        if self.cfg.classes == 1:  # the port feeds the raw {0,1} mask
+            seg = y[:, None].to(images.dtype)
+        else:  # Kohl's release feeds one-hot labels shifted by -0.5
+            seg = one_hot(y, self.cfg.classes) - 0.5
         mu_q, sigma_q = self.posterior(torch.cat([images, seg], dim=1))
         mu_p, sigma_p = self.prior(images)
         z = mu_q + sigma_q * torch.randn_like(mu_q)
         logits = self.combine(self.unet(images), z[:, None])[:, 0]
         b, hw = y.shape[0], y.shape[1] * y.shape[2]
-        ce = F.cross_entropy(logits, y.long(), reduction="sum") / b
+        if self.cfg.classes == 1:
+            ce = F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype), reduction="sum") / b
+        else:
+            ce = F.cross_entropy(logits, y.long(), reduction="sum") / b
         kl = kl_diag_gaussians(mu_q, sigma_q, mu_p, sigma_p).mean()
         l2 = 0.5 * sum(p.square().sum() for p in self.parameters())
         loss = (ce + self.cfg.beta * kl + self.cfg.l2_weight * l2) / hw
@@ -151,7 +163,7 @@ class ProbUNet(Method):
         per = max(1, self.cfg.sample_chunk // max(1, b)) if self.cfg.sample_chunk else n
         for s0, s1 in chunks(n, per):
             logits = self.combine(feats, z[:, s0:s1])
-            out[:, s0:s1] = logits.argmax(2) == 1
+            out[:, s0:s1] = logits[:, :, 0] > 0 if self.cfg.classes == 1 else logits.argmax(2) == 1
         return out
 
     def nfe(self, n: int) -> int:

@@ -242,7 +242,7 @@ def _prob_unet(**kw):
 
 
 def test_prob_unet_fcomb_equals_tile_and_concatenate():
-    m = _prob_unet(latent_dim=3)
+    m = _prob_unet(latent_dim=3, classes=2)
     feats = torch.randn(2, 4, 16, 16)
     z = torch.randn(2, 5, 3)
     fast = m.combine(feats, z)
@@ -279,8 +279,10 @@ def test_prob_unet_beta_weights_the_kl():
     l10, logs10 = m.loss("main", x, masks)
     assert logs1 == logs10
     assert torch.isclose(l10 - l1, torch.tensor(9.0 * logs1["kl"] / 256), rtol=1e-4)
-    assert resolve("prob_unet", "synthetic", "paper", variant="beta10").cfg.method.beta == 10.0
-    assert resolve("prob_unet", "synthetic", "paper").cfg.method.beta == 1.0
+    assert resolve("prob_unet", "synthetic", "paper").cfg.method.beta == 10.0  # the PyTorch port
+    kohl = resolve("prob_unet", "synthetic", "paper", variant="kohl").cfg.method
+    assert (kohl.beta, kohl.classes) == (1.0, 2)  # Kohl's TensorFlow release
+    assert resolve("prob_unet", "synthetic", "paper", variant="beta1").cfg.method.beta == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
