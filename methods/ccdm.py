@@ -12,20 +12,27 @@ p(x_{t-1} | x_t) = sum_c p(x_0 = c | x_t) q(x_{t-1} | x_t, x_0 = c), with
 q(x_{t-1} | x_t, x_0) proportional to (alpha_t x_t + (1 - alpha_t) / K) * (abar_{t-1} x_0 + (1 - abar_{t-1}) / K).
 Training minimises KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at a uniformly drawn t in 1..T, summed over
 pixels and averaged over the batch (at t = 1 this is the cross-entropy of the x_0 prediction). Sampling starts
-from uniform noise, draws T ancestral steps and takes the most probable class at the last one
-(``step_T_sample = "majority"``). One reader per image per training step.
+from uniform noise and draws T - 1 ancestral steps; the last step (t = 1 -> 0) is the release's
+``evaluation_vote_strategy`` (``ddpm/models/diffusion_denoising.py``, ``params_eval.yml``): ``confidence``
+keeps the class probabilities p(x_0 | x_1) (``prob_sample``), ``majority`` their one-hot argmax
+(``max_prob_sample``), ``sample`` a draw. With ``votes`` = V > 1 chains per returned sample
+(``evaluation/eval_cdm.py`` ``predict_multiple``), ``confidence`` averages the V probability maps and
+``majority`` counts the V one-hot votes before the argmax (:func:`vote`); with one chain, ``confidence`` and
+``majority`` give the same mask, since the release's evaluation takes the argmax of what the chain returns.
+One reader per image per training step.
 
-Network: the suite's U-Net with time conditioning (:class:`amisbench.nn.UNet`, ``time_dim > 0``), the same
-building block as the ATFM ST-Net. At paper scale: base width 32, multipliers (1, 1, 2, 3, 4) (the release's
-``unet_openai`` default at 128 px), four 3x3 convs per level and side (its two residual blocks),
-self-attention at the two coarsest levels, group norm, SiLU.
+Network: the release's OpenAI U-Net (:class:`amisbench.nn.openai_unet.OpenAIUNet`, the layout of
+``ddpm/models/unet_openai/unet.py``): base width 32 (params.yml ``unet_openai.base_channels``), multipliers
+(1, 1, 2, 3, 4) (``unet_openai/__init__.py`` default at 128 px), two residual blocks per level
+(``builder.py``: ``num_res_blocks=2``), attention at downsampling rates 8 and 16 of [32, 16, 8]
+(``attention_resolutions``) with 32 channels per head, group norm (32 groups), SiLU; 5,699,138 parameters at
+128x128x1 as released.
 
 Deviations: (1) the release's cosine schedule indexes ``cumalphas`` one step off its ``betas`` and never
 reaches exactly uniform noise; we use the consistent abar_t = f(t/T) / f(0), abar_T = 0, alpha_t =
 abar_t / abar_{t-1}. (2) The loss is divided by the number of pixels (learning rates transfer across sizes).
 (3) ``sample_steps < steps`` (off by default) samples on a strided grid with the exact skip posterior
 q(x_s | x_t, x_0); the ``quick`` profile instead trains and samples a short chain (``steps``).
-(4) The U-Net is the suite's (concatenating skips once per level) rather than the OpenAI one.
 """
 
 from __future__ import annotations
@@ -38,26 +45,26 @@ import torch
 from torch import Tensor
 
 from amisbench.api import DataSpec, Method
-from amisbench.nn import UNet, UNetConfig
+from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, one_hot, pick_reader, sample_one_hot
-from ._diffusion import diffusion_unet, strided_times, time_dim
+from ._diffusion import strided_times
 
 
 @dataclass
 class CCDMConfig:
     # ddpm/models/unet_openai/__init__.py at 128 px: base_channels 32 (params.yml), channel_mult (1,1,2,3,4),
-    # num_res_blocks 2 (-> 4 convs per level and side), attention where ds in [32,16,8] -> the two coarsest
-    # levels (ds 8, 16), num_head_channels 32 (approximated by 4 heads).
-    unet: UNetConfig = field(default_factory=diffusion_unet)
-    time_dim: int = 0  # 0: 4 x base width (the OpenAI U-Net's time_embed_dim)
+    # num_res_blocks 2 (ddpm/models/builder.py), attention_resolutions [32,16,8], num_head_channels 32
+    net: OpenAIUNetConfig = field(default_factory=OpenAIUNetConfig)
     steps: int = 250  # T (params.yml: time_steps)
     schedule: Literal["cosine"] = "cosine"  # params.yml: beta_schedule
     cosine_s: float = 0.008  # params.yml: beta_schedule_params.s
     sample_steps: int = 0  # 0: all T ancestral steps; fewer: strided grid with the exact skip posterior
     classes: int = 2
-    last_step: Literal["majority", "sample"] = "majority"  # step_T_sample
+    # params_eval.yml evaluation_vote_strategy: "confidence"; "majority" = max_prob_sample; "sample" = a draw
+    last_step: Literal["confidence", "majority", "sample"] = "confidence"
+    votes: int = 1  # chains per returned sample, combined by last_step (eval_cdm.py predict_multiple, evaluations)
     sample_chunk: int = 256  # most (image, sample) chains per network batch (0: all at once); memory only
     channels_last: bool = False  # NHWC layout (speed only)
 
@@ -102,6 +109,26 @@ def p_posterior(xt: Tensor, p0: Tensor, abar_t: Tensor, abar_s: Tensor) -> Tenso
     return torch.einsum("nckhw,nchw->nkhw", theta, p0)
 
 
+def vote(probs: Tensor, strategy: str) -> Tensor:
+    """Combine the last-step class probabilities of V chains into one label map per sample.
+
+    Args:
+        probs: (N,V,K,H,W) p(x_0 | x_1) of each chain.
+        strategy: ``confidence``: argmax of the mean probability over the V chains (eval_cdm.py
+            ``predict_multiple``: sum of prediction / V, then argmax); ``majority``: argmax of the count of the
+            chains' own argmax classes (ties to the lower class).
+
+    Returns:
+        (N,H,W) long labels.
+    """
+    k = probs.shape[2]
+    if strategy == "confidence":
+        return probs.mean(1).argmax(1)
+    if strategy == "majority":
+        return one_hot(probs.argmax(2).flatten(0, 1), k, probs.dtype).unflatten(0, probs.shape[:2]).sum(1).argmax(1)
+    raise ValueError(f"unknown vote strategy {strategy!r}; known: confidence, majority")
+
+
 @register_method("ccdm")
 class CCDM(Method):
     """CCDM: conditional categorical (multinomial) diffusion on the one-hot mask (Zbinden et al. 2023)."""
@@ -112,10 +139,11 @@ class CCDM(Method):
     def __init__(self, cfg: CCDMConfig, spec: DataSpec):
         super().__init__(cfg, spec)
         check_chunk(cfg.sample_chunk)
-        if cfg.steps < 1 or cfg.sample_steps < 0 or cfg.classes < 2:
-            raise ValueError("steps must be at least 1, sample_steps non-negative and classes at least 2")
-        self.net = UNet(spec.channels + cfg.classes, cfg.classes, cfg.unet,
-                        time_dim=time_dim(cfg.time_dim, cfg.unet))
+        if cfg.steps < 1 or cfg.sample_steps < 0 or cfg.classes < 2 or cfg.votes < 1:
+            raise ValueError("steps and votes must be at least 1, sample_steps non-negative and classes at least 2")
+        if cfg.last_step == "sample" and cfg.votes > 1:
+            raise ValueError("votes > 1 needs last_step confidence or majority")
+        self.net = OpenAIUNet(cfg.classes + spec.channels, cfg.classes, cfg.net)
         if cfg.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.register_buffer("abar", cosine_alpha_bar(cfg.steps, cfg.cosine_s), persistent=False)
@@ -144,26 +172,30 @@ class CCDM(Method):
     @torch.no_grad()
     def sample(self, images, n, *, generator=None, context=None):
         b, _, h, w = images.shape
-        k = self.cfg.classes
+        k, v = self.cfg.classes, self.cfg.votes
         grid = strided_times(self.cfg.steps, self.cfg.sample_steps)
         out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
         flat = out.view(b * n, h, w)
-        for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
-            owner = torch.arange(s0, s1, device=images.device) // n
+        per = max(1, self.cfg.sample_chunk // v) if self.cfg.sample_chunk else b * n
+        for s0, s1 in chunks(b * n, per):
+            owner = (torch.arange(s0, s1, device=images.device) // n).repeat_interleave(v)  # v chains each
             img = images[owner]
-            m = s1 - s0
+            m = owner.shape[0]
             x = sample_one_hot(torch.full((m, k, h, w), 1.0 / k, device=images.device, dtype=images.dtype),
                                generator)
             for t, s in zip(grid[:-1], grid[1:]):
                 tt = torch.full((m,), t, device=images.device)
                 ss = torch.full((m,), s, device=images.device)
                 probs = p_posterior(x, self.predict_x0(x, img, tt), self.abar[tt], self.abar[ss])
-                if s == 0 and self.cfg.last_step == "majority":
-                    x = one_hot(probs.argmax(1), k, images.dtype)
+                if s == 0 and self.cfg.last_step != "sample":
+                    x = probs
                 else:
                     x = sample_one_hot(probs.clamp_min(0), generator)
-            flat[s0:s1] = x.argmax(1) == 1
+            if self.cfg.last_step == "sample":
+                flat[s0:s1] = x.argmax(1) == 1
+            else:
+                flat[s0:s1] = vote(x.unflatten(0, (s1 - s0, v)), self.cfg.last_step) == 1
         return out
 
     def nfe(self, n: int) -> int:
-        return n * (len(strided_times(self.cfg.steps, self.cfg.sample_steps)) - 1)
+        return n * self.cfg.votes * (len(strided_times(self.cfg.steps, self.cfg.sample_steps)) - 1)

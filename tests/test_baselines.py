@@ -12,6 +12,7 @@ from amisbench.api import DataSpec, SampleContext
 from amisbench.config import resolve
 from amisbench.errors import UserError
 from amisbench.methods._blocks import kl_diag_gaussians, sample_one_hot
+from amisbench.nn.openai_unet import OpenAIUNetConfig
 from amisbench.methods.ccdm import (CCDM, cosine_alpha_bar, p_posterior, q_posterior, q_xt_given_x0)
 from amisbench.methods._diffusion import strided_times as sampling_grid  # CCDM's strided grid
 from amisbench.methods.oracle import Oracle, OracleConfig
@@ -134,11 +135,13 @@ def test_sampling_grid_and_nfe():
     grid = sampling_grid(250, 10)
     assert grid[0] == 250 and grid[-1] == 0 and len(grid) == 11 and grid == sorted(set(grid), reverse=True)
     spec = DataSpec(1, 16, 16, 4)
-    unet = UNetConfig(widths=(4, 8), convs_per_block=1, norm="group", groups=2)
+    net = OpenAIUNetConfig(base_channels=4, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                           num_head_channels=4, groups=2)
     from amisbench.methods.ccdm import CCDMConfig
 
-    assert CCDM(CCDMConfig(unet=unet, steps=250), spec).nfe(100) == 100 * 250
-    assert CCDM(CCDMConfig(unet=unet, steps=250, sample_steps=10), spec).nfe(100) == 100 * 10
+    assert CCDM(CCDMConfig(net=net, steps=250), spec).nfe(100) == 100 * 250
+    assert CCDM(CCDMConfig(net=net, steps=250, sample_steps=10), spec).nfe(100) == 100 * 10
+    assert CCDM(CCDMConfig(net=net, steps=250, votes=3), spec).nfe(100) == 3 * 100 * 250
 
 
 def test_ccdm_loss_at_t1_is_the_cross_entropy_of_the_prediction():
@@ -147,7 +150,11 @@ def test_ccdm_loss_at_t1_is_the_cross_entropy_of_the_prediction():
 
     torch.manual_seed(0)
     spec = DataSpec(1, 8, 8, 2)
-    m = CCDM(CCDMConfig(unet=UNetConfig(widths=(4, 8), convs_per_block=1, norm="group", groups=2), steps=1), spec)
+    net = OpenAIUNetConfig(base_channels=4, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                           num_head_channels=4, groups=2)
+    m = CCDM(CCDMConfig(net=net, steps=1), spec)
+    for p in m.parameters():  # the release zero-initialises the output conv: perturb it so p0 is not uniform
+        torch.nn.init.normal_(p, 0.0, 0.3)
     images = torch.randn(2, 1, 8, 8)
     masks = (torch.rand(2, 2, 8, 8) > 0.5).float()
     masks[:, 1] = masks[:, 0]  # both readers agree: the reader draw does not matter
@@ -357,7 +364,8 @@ def test_paper_profiles_instantiate_at_128px():
         pu = ProbUNet(resolve("prob_unet", "synthetic", "paper").cfg.method, DataSpec(1, 128, 128, 4))
         ph = PHiSeg(resolve("phiseg", "synthetic", "paper").cfg.method, DataSpec(1, 128, 128, 4))
     conv = lambda cin, cout, k=3, bias=True: cin * cout * k * k + (cout if bias else 0)  # noqa: E731
-    # prior: input 1 channel; posterior: 1 + 2 (one-hot mask); three convs per block; head 1x1 -> 2 x 6
+    # prior: input 1 channel; posterior: 1 + 1 (the {0,1} mask, as the PyTorch port); three convs per block;
+    # head 1x1 -> 2 x 6
     def vgg(cin):
         total, c = 0, cin
         for w in (32, 64, 128, 192):
@@ -365,7 +373,7 @@ def test_paper_profiles_instantiate_at_128px():
                 total += conv(c, w)
                 c = w
         return total + conv(192, 12, 1)
-    assert _count(pu.prior) == vgg(1) and _count(pu.posterior) == vgg(3)
-    assert _count(pu.fcomb) + _count(pu.logits) == conv(38, 32, 1) + 2 * conv(32, 32, 1) + conv(32, 2, 1)
+    assert _count(pu.prior) == vgg(1) and _count(pu.posterior) == vgg(2)
+    assert _count(pu.fcomb) + _count(pu.logits) == conv(38, 32, 1) + 2 * conv(32, 32, 1) + conv(32, 1, 1)
     assert counts["prob_unet"] == _count(pu) and counts["phiseg"] == _count(ph)
     assert counts["ccdm"] > 1_000_000 and counts["unet"] > 1_000_000
