@@ -11,9 +11,9 @@ def test_profiles_change_numbers_not_code():
     paper = resolve("ssn", "synthetic", "paper")
     assert type(smoke.cfg.method) is type(paper.cfg.method)
     assert smoke.cfg.method.unet.widths == (8, 16)
-    assert paper.cfg.method.unet.widths == (32, 64, 128, 192)
+    assert paper.cfg.method.unet.widths == (32, 64, 128, 192, 192, 192, 192)
     assert paper.cfg.method.rank == 10 and paper.cfg.method.mc_samples == 20
-    assert paper.cfg.train["main"].epochs == 1000
+    assert paper.cfg.train["main"].steps == 500_000 and paper.cfg.train["main"].batch_size == 12
     assert smoke.cfg.dataset.size == 32 and paper.cfg.dataset.size == 128
     assert "configs/profiles/smoke.yaml" in smoke.sources
 
@@ -47,7 +47,7 @@ def test_bad_set_values_name_the_key(item, message):
 def test_unknown_profile_and_variant():
     with pytest.raises(UserError, match="unknown profile 'huge'; known: smoke, quick, paper"):
         resolve("ssn", "synthetic", "huge")
-    with pytest.raises(UserError, match="unknown variant 'v1' of method 'ssn'; known: none"):
+    with pytest.raises(UserError, match="unknown variant 'v1' of method 'ssn'; known: flips"):
         resolve("ssn", "synthetic", "smoke", variant="v1")
 
 
