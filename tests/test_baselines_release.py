@@ -287,3 +287,31 @@ def test_where_validation_is_the_test_split_a_labelled_part_of_train_is_used():
     assert not set(va.ids) & test_ids
     tr, va, label = validation_split(base, cfg, base(cfg.dataset, "train"), R.split_hash)
     assert label == "val" and len(tr) == len(train)
+
+
+def test_openai_attention_is_the_legacy_qkv_order():
+    """QKVAttentionLegacy: qkv (B, H*3*C, T) is split per head into [q, k, v]; softmax(q^T k / sqrt(C)) v."""
+    from amisbench.nn.openai_unet import AttentionBlock
+
+    torch.manual_seed(0)
+    blk = AttentionBlock(8, heads=2, groups=4)
+    torch.nn.init.normal_(blk.proj_out.weight)
+    x = torch.randn(3, 8, 4, 4)
+    flat = x.reshape(3, 8, 16)
+    qkv = blk.qkv(blk.norm(flat))
+    q, k, v = qkv.reshape(3 * 2, 12, 16).split(4, dim=1)
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / 2.0, dim=-1)  # sqrt(C) = sqrt(4)
+    h = torch.einsum("bts,bcs->bct", w, v).reshape(3, 8, 16)
+    expected = (flat + blk.proj_out(h)).reshape(3, 8, 4, 4)
+    assert torch.allclose(blk(x), expected, atol=1e-5)
+
+
+def test_openai_unet_output_starts_at_zero_and_keeps_the_size():
+    from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
+
+    net = OpenAIUNet(3, 2, OpenAIUNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                             attention_resolutions=(2,), num_head_channels=8, groups=4))
+    out = net(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 5.0]))
+    assert out.shape == (2, 2, 16, 16) and torch.count_nonzero(out) == 0  # zero-initialised output conv
+    with pytest.raises(ValueError, match="not divisible"):
+        net(torch.randn(1, 3, 15, 15), torch.tensor([1.0]))
