@@ -534,8 +534,9 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
         finally:
             rep.stop()
         if smetric and selection[stage]["step"] is not None and selection[stage]["step"] != step:
-            best = load_torch(folder / "ckpt" / "best.pt", map_location=dev)  # the selected weights
-            model.load_state_dict(best["model"])
+            best_path = folder / "ckpt" / "best.pt"
+            best = check_state(load_torch(best_path, map_location=dev), best_path)  # the selected weights
+            load_weights(model, best["model"], best_path)
             ema = best["ema"]
             rep.line(f"{name}: {stage} selected step {selection[stage]['step']} "
                      f"({selection[stage]['metric']} {selection[stage]['value']:.4f} on validation)")
