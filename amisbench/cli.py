@@ -310,8 +310,9 @@ def _method_details(name: str, a: argparse.Namespace) -> str:
     except UserError:
         res = resolve(name, "synthetic", a.profile)
     cls = METHODS.get(name)
+    readers = {"isic3": 3}.get(a.dataset, 4)  # reader slots: ISIC3 its 3 styles, LIDC and synthetic 4
     with torch.device("meta"):
-        model = cls(res.cfg.method, DataSpec(a.channels, a.size, a.size, 4, a.dataset))
+        model = cls(res.cfg.method, DataSpec(a.channels, a.size, a.size, readers, a.dataset))
     n = sum(p.numel() for p in model.parameters())
     return (f"profile {a.profile}, {a.size}x{a.size}x{a.channels}: {n:,} parameters; stages "
             f"{', '.join(cls.stages)}; NFE for 100 samples: {model.nfe(100)}")

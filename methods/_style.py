@@ -1,18 +1,17 @@
 """Reader-style conditioning shared by the c-models of Zepf et al. (ICLR 2023): c-Prob. U-Net and c-SSN.
 
 Private module (leading underscore): the registry does not scan it. What a style means per dataset is said
-in :mod:`amisbench.methods.c_prob_unet`.
+in :mod:`amisbench.methods.c_prob_unet`. The style of reader slot a is one-hot(a) over the A reader slots
+of the dataset (the release fixes A = 3, the ISIC3 styles).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal, Union
 
 import torch
 from torch import Tensor
 
-from amisbench.api import DataSpec
 from amisbench.errors import UserError
 
 from ._blocks import pick_reader
@@ -44,46 +43,36 @@ def style_plan(style: Union[str, int], n: int, count: int, where: str) -> list[t
     return [(style, list(range(n)))]
 
 
-def styled_sample(base_sample, images: Tensor, n: int, style, count: int, generator, where: str) -> Tensor:
-    """Run ``base_sample(styled_images, n_s, generator)`` once per style and scatter into (B,n,H,W)."""
-    b, _, h, w = images.shape
-    out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
-    for s, idx in style_plan(style, n, count, where):
-        st = torch.full((b,), s, device=images.device, dtype=torch.long)
-        out[:, idx] = base_sample(with_style(images, st, count), len(idx), generator)
-    return out
-
-
 # the ``style`` config field of a style-conditioned method: "mix" (uniform over the styles) or one style index
 Style = Union[Literal["mix"], int]
 
 
 class StyleConditioned:
-    """Mixin that turns a method into its style-conditioned version; list it before the method class:
-    ``class CSSN(StyleConditioned, SSN)``. The config must have a ``style`` field ("mix" or an index).
+    """Mixin of the c-models: training on one random reader slot per image with its style, sampling once per
+    style used. List it before :class:`~amisbench.api.Method`; the config needs a ``style`` field.
 
-    The wrapped networks see ``C + A`` input channels (image and one-hot style of the A reader slots).
-    Training uses one random reader slot per image with its style; sampling runs the wrapped method once per
-    style used (``nfe(n) = min(n, A)`` with ``mix``, 1 with a fixed style).
+    Subclasses implement ``styled_loss(images, styles (B,), y (B,1,H,W))`` and
+    ``styled_sample(images, state, styles (B,), n, generator) -> (B,n,H,W) bool`` where ``state`` is what
+    ``sample_state(images)`` computed once per image batch (the style-free part, e.g. U-Net features).
     """
 
-    def __init__(self, cfg, spec: DataSpec):
-        super().__init__(cfg, replace(spec, channels=spec.channels + spec.readers))
-        self.spec = spec
-        self.styles = spec.readers
-        style_plan(cfg.style, 1, self.styles, "method.style")  # validate early
+    def _check_style(self, cfg, styles: int) -> None:
+        self.styles = styles
+        style_plan(cfg.style, 1, styles, "method.style")  # validate early
 
     def loss(self, stage, images, masks):
         idx, y = pick_styled_reader(masks)
-        return super().loss(stage, with_style(images, idx, self.styles), y)
+        return self.styled_loss(images, idx, y)
 
     @torch.no_grad()
     def sample(self, images, n, *, generator=None, context=None):
-        unstyled = super().sample
-        base = lambda x, m, g: unstyled(x, m, generator=g)  # noqa: E731
-        return styled_sample(base, images, n, self.cfg.style, self.styles, generator, "method.style")
+        b, _, h, w = images.shape
+        state = self.sample_state(images)
+        out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
+        for s, idx in style_plan(self.cfg.style, n, self.styles, "method.style"):
+            st = torch.full((b,), s, device=images.device, dtype=torch.long)
+            out[:, idx] = self.styled_sample(images, state, st, len(idx), generator)
+        return out
 
-    def nfe(self, n: int) -> int:
-        # the wrapped method once per style used, for that style's share of the samples
-        unstyled = super().nfe  # (zero-argument super() does not work inside the generator below)
-        return sum(unstyled(len(idx)) for _, idx in style_plan(self.cfg.style, n, self.styles, "method.style"))
+    def styles_used(self, n: int) -> int:
+        return len(style_plan(self.cfg.style, n, self.styles, "method.style"))

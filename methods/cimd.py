@@ -1,53 +1,153 @@
-"""CIMD: Ambiguous Medical Image Segmentation using Diffusion Models (Rahman et al., CVPR 2023).
+"""CIMD: Ambiguous Medical Image Segmentation using Diffusion Models (Rahman et al., CVPR 2023), as released.
 
 Original code: github.com/aimansnigdha/Ambiguous-Medical-Image-Segmentation-using-Diffusion-Models (built on
-OpenAI's guided/improved diffusion).
+OpenAI's guided diffusion and Wolleb et al.'s diffusion segmentation; files cited below are in that repo).
 
-Model. Gaussian diffusion on the reader mask mapped to {-1, +1} (x_0 = 2 y - 1): q(x_t | x_0) =
-N(sqrt(abar_t) x_0, (1 - abar_t) I), T = 1000 steps, linear beta schedule 1e-4 .. 0.02 (Ho et al. 2020). An
-*ambiguity modelling network* (prior, image only) and an *ambiguity controlling network* (posterior, image +
-reader mask) are Prob. U-Net-style axis-aligned Gaussian encoders over a latent of dimension 6
-(:class:`~amisbench.methods.prob_unet.AxisAlignedConvGaussian`). A time-conditioned U-Net denoises x_t given the
-image and a latent sample z. Training: ``loss = MSE(eps_theta(x_t, t, image, z_q), eps) + beta * KL(q(z | x, y)
-|| p(z | x))`` with z_q a reparameterised posterior sample, t uniform in 1..T, one random reader per image per
-step. Sampling: z ~ p(z | x) once per sample, then ancestral DDPM steps from x_T ~ N(0, I) on a strided grid
-of ``sample_steps`` times (the "respacing" of improved diffusion: the same abar at the kept times, so the
-skip posterior q(x_s | x_t, x_0) is exact); the x_0 estimate is clipped to [-1, 1] at every step
-(``clip_denoised``) and the final mask is x_0 > 0.
+Model (``guided_diffusion/gaussian_diffusion.py``, ``training_losses_segmentation``):
 
-Parameterisation: the network predicts the noise eps (L_simple of Ho et al. 2020; CIMD's release trains
-guided diffusion's default ``predict_xstart = False``, as we read it). ``prediction: x0`` is offered as a
-variant for comparison.
+- Gaussian diffusion of the reader mask in {0, 1} (``res = where(mask > 0, 1, 0)``; no +-1 code):
+  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), T = 1000, linear betas 1e-4 .. 0.02, step index
+  t in 0..T-1 (0 = one step) fed to the network unscaled (``rescale_timesteps False``).
+- Denoiser: guided diffusion's ``UNetModel`` (:class:`~amisbench.nn.guided_unet.GuidedUNet`, 128 channels,
+  multipliers 1,1,2,3,4, 2 residual blocks per level, one-head attention at downsampling 8, no scale-shift
+  norm) on [image x ``image_repeat``, x_t] (``lidcloader.py`` concatenates the greyscale slice 4 times;
+  ``script_util.create_model`` fixes ``in_channels=5``). Two output channels: eps and the variance
+  interpolation v (``learn_sigma True`` -> ``LEARNED_RANGE``: log var = (v+1)/2 log beta_t + (1-v)/2
+  log beta~_t).
+- Loss per image: ``mse + vb + kl / 1000`` (loss type MSE with learnt sigmas: the hybrid loss of improved
+  diffusion without rescaling). mse = mean over pixels of (eps - eps_theta)^2; vb = the variational-bound
+  term on a stop-gradient mean (KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per pixel, or the
+  discretised-Gaussian decoder NLL at t = 0); kl = KL(posterior || prior) of two Prob. U-Net axis-aligned
+  Gaussian encoders (latent 6, widths 32/64/128/192, 3 convs per block, ``script_util``), where the
+  *posterior* sees [image, reader mask] and the *prior* sees [image, eps_theta] -- the denoiser's output,
+  not the image alone -- so the term only shapes the denoiser.
+- Only the denoiser is optimised (``train_util.TrainLoop`` builds AdamW over the model's parameters; the
+  prior and posterior stay at their random initialisation): ``train_encoders: false``.
+- Sampling (``p_sample_loop_known``): x ~ N(0, I) at t = T-1, then ancestral steps with the learnt variance
+  and the x_0 estimate clipped to [-1, 1], through t = 0 (T = 1000 network calls, ``sample_steps: 0``).
+  z is never drawn and the encoders are not used. The mask is the final x thresholded at 1/2 (the midpoint of
+  the {0, 1} code; the release saves the real-valued sample). ``sample_steps: N`` respaces sampling to N
+  steps the improved-diffusion way (``respace.space_timesteps``: N evenly spaced, rounded step indices,
+  betas recomputed from abar at the kept steps, the network still sees the original indices): the ATFM
+  paper's Table 3 setting is N = 100, a labelled option (variant ``respaced100``), not the release.
 
-How z enters the denoiser: tiled over the image and concatenated to the input channels [x_t, image, z]
-(our choice; the release injects it into the OpenAI U-Net differently -- a deviation in architecture only).
+NFE: ``nfe(n) = n * sampling steps`` (nothing runs once per image).
 
-NFE: the prior network runs once per image (counted as 1 fixed evaluation) and every sample runs
-``sample_steps`` denoiser evaluations: ``nfe(n) = n * sample_steps + 1``.
-
-Loss scale: the MSE is the mean over pixels (guided diffusion's ``mean_flat``) and the KL is summed over
-the latent and added unscaled (``loss = mse + beta * kl``), which keeps the scale independent of the image size.
-
-Deviations: the suite's U-Net instead of the OpenAI one.
+Deviations from the release: one optimiser step per batch (``run_loop`` calls ``run_step`` twice on each
+batch, so the release takes two steps per batch with fresh t and noise); the prior and posterior run in the
+network's dtype (the release builds them in float64); reader masks are exact {0, 1} (the release reads JPEG
+masks / 255 for the posterior input); for C-channel images the prior and posterior see all C channels (the
+release's encoders take the first channel of its greyscale stack).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from amisbench.api import DataSpec, Method
-from amisbench.nn import UNet, UNetConfig
+from amisbench.errors import UserError
+from amisbench.nn.guided_unet import GuidedUNet, GuidedUNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, kl_diag_gaussians, pick_reader
-from ._diffusion import (diffusion_unet, gaussian_posterior, linear_alpha_bar, mask_to_pm1, strided_times,
-                         time_dim)
+from ._diffusion import linear_alpha_bar
 from .prob_unet import AxisAlignedConvGaussian
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian diffusion with a learnt variance (the release's GaussianDiffusion / SpacedDiffusion tables)
+# ---------------------------------------------------------------------------------------------------
+
+def space_timesteps(steps: int, count: int) -> list[int]:
+    """Kept step indices (ascending) of improved diffusion's ``space_timesteps(steps, str(count))``:
+    ``count`` indices ``round(i * (steps - 1) / (count - 1))``; ``count`` 0 or >= ``steps``: all of them."""
+    if not count or count >= steps:
+        return list(range(steps))
+    stride = (steps - 1) / (count - 1) if count > 1 else 1
+    return sorted({round(i * stride) for i in range(count)})
+
+
+class LearntVarianceDiffusion:
+    """Tables of a (possibly respaced) Gaussian diffusion over the kept steps ``use`` of a T-step process.
+
+    With abar_k the cumulative products at the kept steps and abar_{-1} = 1: beta_k = 1 - abar_k / abar_{k-1},
+    posterior q(x_{k-1} | x_k, x_0) = N(c1_k x_0 + c2_k x_k, beta~_k) with c1 = beta sqrt(abar_prev) /
+    (1 - abar), c2 = (1 - abar_prev) sqrt(1 - beta) / (1 - abar), beta~ = beta (1 - abar_prev) / (1 - abar),
+    and log beta~ clipped at k = 0 to log beta~_1 (the release's ``posterior_log_variance_clipped``).
+    Index k runs over 0..len(use)-1; ``use[k]`` is the step index the network sees.
+    """
+
+    def __init__(self, abar_full: Tensor, use: list[int]):
+        ab = abar_full[use].double()
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        self.use = list(use)
+        self.abar = ab
+        self.betas = 1.0 - ab / prev
+        self.post_var = self.betas * (1.0 - prev) / (1.0 - ab)
+        clip_from = self.post_var[1] if len(use) > 1 else self.betas[0]
+        self.post_logvar = torch.log(torch.cat([clip_from.reshape(1), self.post_var[1:]]))
+        self.coef1 = self.betas * prev.sqrt() / (1.0 - ab)
+        self.coef2 = (1.0 - prev) * (1.0 - self.betas).sqrt() / (1.0 - ab)
+
+    @staticmethod
+    def _at(table: Tensor, k: Tensor, like: Tensor) -> Tensor:
+        return table.to(like.device)[k].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: Tensor, k: Tensor, noise: Tensor) -> Tensor:
+        a = self._at(self.abar, k, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and clipped log variance of q(x_{k-1} | x_k, x_0)."""
+        mean = self._at(self.coef1, k, xt) * x0 + self._at(self.coef2, k, xt) * xt
+        return mean, self._at(self.post_logvar, k, xt).expand_as(xt)
+
+    def p_mean_logvar(self, eps: Tensor, v: Tensor, xt: Tensor, k: Tensor, clip: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Model mean, log variance (``LEARNED_RANGE``) and x_0 estimate of p(x_{k-1} | x_k)."""
+        frac = (v + 1) / 2
+        logvar = frac * self._at(self.betas.log(), k, xt) + (1 - frac) * self._at(self.post_logvar, k, xt)
+        a = self._at(self.abar, k, xt)
+        x0 = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _ = self.q_posterior(x0, xt, k)
+        return mean, logvar, x0
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x: Tensor) -> Tensor:
+    # the tanh approximation of the release (losses.approx_standard_normal_cdf)
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """Log-probability (nats) of x under N(mean, e^{2 log_scale}) integrated over bins of width 2/255 (the
+    8-bit grid on [-1, 1]); the outer bins (x < -0.999, x > 0.999) extend to -inf / +inf."""
+    inv = torch.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv * (x - mean + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv * (x - mean - 1.0 / 255.0))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vb_term_bits(diff: LearntVarianceDiffusion, x0: Tensor, xt: Tensor, k: Tensor, eps: Tensor, v: Tensor) -> Tensor:
+    """The variational-bound term per image (N,), bits per pixel: KL(q(x_{k-1}|x_k,x_0) || p(x_{k-1}|x_k))
+    averaged over pixels for k > 0, the discretised-Gaussian NLL of x_0 for k = 0 (no clipping of x_0)."""
+    true_mean, true_logvar = diff.q_posterior(x0, xt, k)
+    mean, logvar, _ = diff.p_mean_logvar(eps, v, xt, k, clip=False)
+    kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
+    return torch.where(k == 0, nll, kl)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,27 +156,26 @@ from .prob_unet import AxisAlignedConvGaussian
 
 @dataclass
 class CIMDConfig:
-    # Denoiser at paper scale: the OpenAI-style U-Net used for CCDM in this suite (base 32, multipliers
-    # 1,1,2,3,4, group norm, SiLU, attention at the two coarsest levels) -- an assumption: the ATFM paper
-    # does not give CIMD's network, the release uses guided diffusion's U-Net at 128 px.
-    unet: UNetConfig = field(default_factory=diffusion_unet)
-    time_dim: int = 0  # 0: 4 x base width
-    encoder_widths: tuple[int, ...] = (32, 64, 128, 192)  # prior / posterior (Prob. U-Net LIDC encoders)
-    encoder_convs: int = 3
-    latent_dim: int = 6  # CIMD: latent of dimension 6 as in the Prob. U-Net
-    beta: float = 1.0  # KL weight
-    steps: int = 1000  # T (CIMD: 1000 steps, linear schedule)
-    beta_start: float = 1e-4
+    unet: GuidedUNetConfig = field(default_factory=GuidedUNetConfig)  # README MODEL_FLAGS at 128 px
+    image_repeat: int = 4  # lidcloader.py: the slice concatenated 4 times -> in_channels 5 (script_util.py)
+    encoder_widths: tuple[int, ...] = (32, 64, 128, 192)  # script_util.py: num_filters
+    encoder_convs: int = 3  # script_util.py: no_convs_per_block
+    latent_dim: int = 6  # script_util.py: latent_dim
+    kl_weight: float = 1.0e-3  # gaussian_diffusion.py: terms["kl"] = kl_div / 1000
+    learn_sigma: bool = True  # README: --learn_sigma True (LEARNED_RANGE variance + the vb term)
+    train_encoders: bool = False  # train_util.py: AdamW over the denoiser's parameters only
+    steps: int = 1000  # README: --diffusion_steps 1000
+    beta_start: float = 1e-4  # gaussian_diffusion.get_named_beta_schedule("linear")
     beta_end: float = 0.02
-    sample_steps: int = 100  # strided sampling grid (Table 3: T = 100)
-    prediction: Literal["eps", "x0"] = "eps"
-    clip_denoised: bool = True
-    sample_chunk: int = 256  # most (image, sample) chains per network batch (0: all at once); memory only
+    sample_steps: int = 0  # 0: all T steps (release); N: respaced to N steps (Table 3 of the ATFM paper: 100)
+    clip_denoised: bool = True  # segmentation_sample.py: clip_denoised=True
+    threshold: float = 0.5  # on the final {0,1}-coded sample
+    sample_chunk: int = 64  # most chains per denoiser batch (0: all at once); memory only
 
 
 @register_method("cimd")
 class CIMD(Method):
-    """CIMD: Gaussian diffusion on the mask conditioned on a Prob. U-Net-style latent (Rahman et al. 2023)."""
+    """CIMD: guided-diffusion denoiser on {0,1} masks, hybrid loss + KL/1000 prior term (Rahman et al. 2023)."""
 
     Config = CIMDConfig
     stages = ("main",)
@@ -84,76 +183,88 @@ class CIMD(Method):
     def __init__(self, cfg: CIMDConfig, spec: DataSpec):
         super().__init__(cfg, spec)
         check_chunk(cfg.sample_chunk)
-        if cfg.steps < 1 or cfg.sample_steps < 0 or cfg.latent_dim < 1:
-            raise ValueError("steps and latent_dim must be at least 1 and sample_steps non-negative")
-        enc = tuple(cfg.encoder_widths) or tuple(cfg.unet.widths)
-        self.prior = AxisAlignedConvGaussian(spec.channels, enc, cfg.encoder_convs, cfg.latent_dim)
-        self.posterior = AxisAlignedConvGaussian(spec.channels + 1, enc, cfg.encoder_convs, cfg.latent_dim)
-        self.net = UNet(1 + spec.channels + cfg.latent_dim, 1, cfg.unet,
-                        time_dim=time_dim(cfg.time_dim, cfg.unet))
-        self.register_buffer("abar", linear_alpha_bar(cfg.steps, cfg.beta_start, cfg.beta_end), persistent=False)
+        if cfg.steps < 2 or cfg.sample_steps < 0 or cfg.latent_dim < 1 or cfg.image_repeat < 1:
+            raise UserError("method: steps must be at least 2, latent_dim and image_repeat at least 1 and "
+                            "sample_steps non-negative")
+        enc = tuple(cfg.encoder_widths)
+        c = spec.channels
+        self.net = GuidedUNet(cfg.image_repeat * c + 1, 2 if cfg.learn_sigma else 1, cfg.unet)
+        self.prior = AxisAlignedConvGaussian(c + 1, enc, cfg.encoder_convs, cfg.latent_dim)
+        self.posterior = AxisAlignedConvGaussian(c + 1, enc, cfg.encoder_convs, cfg.latent_dim)
+        for enc_net in (self.prior, self.posterior):
+            # distribution.py: He-normal weights, N(0, 0.001) biases, head bias N(0, 1) -- never trained in
+            # the release, so the initialisation is part of the method
+            for m in enc_net.modules():
+                if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.normal_(m.bias, 0.0, 1.0 if m is enc_net.head else 1e-3)
+            enc_net.requires_grad_(cfg.train_encoders)
+        self.register_buffer("abar_full", linear_alpha_bar(cfg.steps, cfg.beta_start, cfg.beta_end)[1:],
+                             persistent=False)
 
-    def denoise(self, xt: Tensor, images: Tensor, z: Tensor, t: Tensor) -> Tensor:
-        """Raw network output (eps or x_0 estimate, per ``prediction``): (N,1,H,W)."""
-        h, w = xt.shape[-2:]
-        zmap = z[:, :, None, None].expand(-1, -1, h, w)
-        return self.net(torch.cat([xt, images, zmap], dim=1), t.to(xt.dtype))
+    def trainable(self, stage):
+        return self.parameters() if self.cfg.train_encoders else self.net.parameters()
 
-    def x0_estimate(self, out: Tensor, xt: Tensor, abar_t: Tensor) -> Tensor:
-        if self.cfg.prediction == "x0":
-            return out
-        a = abar_t.to(xt.dtype).view(-1, 1, 1, 1)
-        return (xt - (1 - a).sqrt() * out) / a.sqrt()
+    def compile_targets(self) -> list[str]:
+        return ["net"]
+
+    def diffusion(self, sample_steps: int = 0) -> LearntVarianceDiffusion:
+        return LearntVarianceDiffusion(self.abar_full.cpu(), space_timesteps(self.cfg.steps, sample_steps))
+
+    def denoise(self, xt: Tensor, images: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """eps estimate and variance value v (N,1,H,W) each (v = 0 when the variance is not learnt)."""
+        inp = torch.cat([images.repeat(1, self.cfg.image_repeat, 1, 1), xt], dim=1)
+        out = self.net(inp, t.to(xt.dtype))
+        if self.cfg.learn_sigma:
+            return out[:, :1], out[:, 1:]
+        return out, torch.ones_like(out)  # v = 1: log variance log beta_t (FIXED_LARGE but at t = 0)
 
     def loss(self, stage, images, masks):
         y = pick_reader(masks)[:, None]
-        x0 = mask_to_pm1(y)
+        x0 = (y > 0).to(images.dtype)
         b = y.shape[0]
-        mu_q, sigma_q = self.posterior(torch.cat([images, y - 0.5], dim=1))
-        mu_p, sigma_p = self.prior(images)
-        z = mu_q + sigma_q * torch.randn_like(mu_q)
-        t = torch.randint(1, self.cfg.steps + 1, (b,), device=images.device)
-        a = self.abar[t].to(images.dtype).view(-1, 1, 1, 1)
-        eps = torch.randn_like(x0)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        out = self.denoise(xt, images, z, t)
-        target = eps if self.cfg.prediction == "eps" else x0
-        mse = F.mse_loss(out, target)
-        kl = kl_diag_gaussians(mu_q, sigma_q, mu_p, sigma_p).mean()
-        # guided diffusion's mean-over-pixels MSE plus the KL summed over the latent (not divided by the
-        # pixels): the balance of the release as we read it. Dividing the KL by H*W (tried first) left the
-        # prior far from the posterior and sampling from the prior collapsed on one of three seeds.
-        loss = mse + self.cfg.beta * kl
-        return loss, {"mse": float(mse.detach()), "kl": float(kl.detach())}
+        diff = self.diffusion()
+        k = torch.randint(0, self.cfg.steps, (b,), device=images.device)
+        noise = torch.randn_like(x0)
+        xt = diff.q_sample(x0, k, noise)
+        eps, v = self.denoise(xt, images, k)
+        mse = (noise - eps).square().flatten(1).mean(1)
+        loss = mse
+        logs = {"mse": float(mse.mean().detach())}
+        if self.cfg.learn_sigma:
+            vb = vb_term_bits(diff, x0, xt, k, eps.detach(), v)
+            loss = loss + vb
+            logs["vb"] = float(vb.mean().detach())
+        if self.cfg.kl_weight:
+            mu_p, sigma_p = self.prior(torch.cat([images, eps], dim=1))
+            mu_q, sigma_q = self.posterior(torch.cat([images, y], dim=1))
+            kl = kl_diag_gaussians(mu_q, sigma_q, mu_p, sigma_p)
+            loss = loss + self.cfg.kl_weight * kl
+            logs["kl"] = float(kl.mean().detach())
+        return loss.mean(), logs
 
     @torch.no_grad()
     def sample(self, images, n, *, generator=None, context=None):
         b, _, h, w = images.shape
         dev, dt = images.device, images.dtype
-        mu, sigma = self.prior(images)
-        eps_z = torch.randn((b, n, self.cfg.latent_dim), generator=generator, device=dev, dtype=mu.dtype)
-        z_all = (mu[:, None] + sigma[:, None] * eps_z).flatten(0, 1)  # (B*n, L)
-        grid = strided_times(self.cfg.steps, self.cfg.sample_steps)
+        diff = self.diffusion(self.cfg.sample_steps)
         out = torch.empty((b, n, h, w), dtype=torch.bool, device=dev)
         flat = out.view(b * n, h, w)
         for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
             m = s1 - s0
             img = images[torch.arange(s0, s1, device=dev) // n]
-            z = z_all[s0:s1]
             x = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
-            x0 = x
-            for t, s in zip(grid[:-1], grid[1:]):
-                tt = torch.full((m,), t, device=dev)
-                ab_t, ab_s = self.abar[tt], self.abar[torch.full((m,), s, device=dev)]
-                x0 = self.x0_estimate(self.denoise(x, img, z, tt), x, ab_t)
-                if self.cfg.clip_denoised:
-                    x0 = x0.clamp(-1.0, 1.0)
-                if s == 0:
-                    break
-                mean, var = gaussian_posterior(x0, x, ab_t, ab_s)
-                x = mean + var.sqrt() * torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
-            flat[s0:s1] = x0[:, 0] > 0
+            for k in range(len(diff.use) - 1, -1, -1):
+                kk = torch.full((m,), k, device=dev, dtype=torch.long)
+                eps, v = self.denoise(x, img, torch.full((m,), diff.use[k], device=dev))
+                mean, logvar, _ = diff.p_mean_logvar(eps, v, x, kk, self.cfg.clip_denoised)
+                if k == 0:
+                    x = mean
+                else:
+                    noise = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
+                    x = mean + torch.exp(0.5 * logvar) * noise
+            flat[s0:s1] = x[:, 0] > self.cfg.threshold
         return out
 
     def nfe(self, n: int) -> int:
-        return n * (len(strided_times(self.cfg.steps, self.cfg.sample_steps)) - 1) + 1
+        return n * len(space_timesteps(self.cfg.steps, self.cfg.sample_steps))
