@@ -15,7 +15,8 @@ Training (``train_c-prob_unet.py``, ``elbo``): one (image, reader, style) triple
 reader slot per image and step -- and loss = sum over the batch and pixels of BCE-with-logits(f_comb(f,
 z_q), y) + beta * mean_b KL(q(z | x, s, y) || p(z | x, s)) + 1e-5 * (sum of the L2 norms, not squared, of
 every parameter tensor of the posterior, the prior and fcomb's hidden layers), beta = 10. AdamW, lr 1e-4,
-weight decay 0, batch 6, 200 epochs (``configs/methods/c_prob_unet.yaml``).
+weight decay 0, batch 6, 200 epochs of (image, style) pairs = 600 passes over the images
+(``configs/methods/c_prob_unet.yaml``).
 
 Sampling: one U-Net pass per image; per style used one prior pass and, per sample, z ~ p(z | x, s) and
 f_comb; mask = logit > 0 (sigmoid > 0.5, ``--test_treshold 0.5``). ``style: mix`` gives sample i style
@@ -33,7 +34,9 @@ What a style is per dataset:
 Initialisation as released: encoders He-normal with N(0, 0.001) biases, their 1x1 heads with N(0, 1)
 biases; fcomb orthogonal with N(0, 0.001) biases; the U-Net PyTorch's default.
 
-Deviations: the upsampling interpolates with ``align_corners=False`` (the release: True); the reader mask
+Deviations: augmentation is the ISIC3 dataset's default (flips, +-15 deg rotation, scale 0.9-1.1: the
+release's ``symmetric_augmentation`` without its small shear and shift); the upsampling interpolates with
+``align_corners=False`` (the release: True); the reader mask
 enters the posterior as exact {0, 1}; A = the dataset's reader slots (the release fixes 3); biases are
 normal, not truncated normal.
 """

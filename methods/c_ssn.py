@@ -14,7 +14,8 @@ image alone; the one-hot style of the reader slot, tiled over the image, goes th
 Training (``train_c-ssn.py``, ``utils.StochasticSegmentationNetworkLossMCIntegral``): one (image, reader,
 style) triple per item -- here one random reader slot per image and step -- and the loss
 -mean_b [logsumexp_j log p(y | z_j) - log M] over M = 20 antithetic logit samples, summed over pixels (not
-divided by their number). AdamW, lr 1e-4, weight decay 1e-4, batch 6, 200 epochs (``configs/methods/c_ssn.yaml``).
+divided by their number). AdamW, lr 1e-4, weight decay 1e-4, batch 6, 200
+epochs of (image, style) pairs = 600 passes over the images (``configs/methods/c_ssn.yaml``).
 
 Sampling: ``style: mix`` gives sample i style i mod A (every style n / A samples), ``style: <int>`` one style
 for all (the release samples one given style). The U-Net runs once per image; each style used adds only
@@ -22,7 +23,9 @@ for all (the release samples one given style). The U-Net runs once per image; ea
 
 What a style means per dataset: see :mod:`amisbench.methods.c_prob_unet`.
 
-Deviations: the upsampling interpolates with ``align_corners=False`` (the release: True), through the
+Deviations: augmentation is the ISIC3 dataset's default (flips, +-15 deg rotation, scale 0.9-1.1: the
+release's ``symmetric_augmentation`` without its small shear and shift); the upsampling interpolates with
+``align_corners=False`` (the release: True), through the
 suite's U-Net; A = the dataset's reader slots (the release fixes 3).
 """
 
