@@ -324,3 +324,16 @@ def test_c_prob_unet_loss_is_the_release_elbo():
     assert math.isclose(float(loss.detach()), rec + 10.0 * logs["kl"] + 1e-5 * float(reg.detach()), rel_tol=1e-5)
     loss.backward()
     assert model.unet.down_blocks[0].convs[0].weight.grad.abs().sum() > 0
+
+
+def test_methods_verbose_counts_the_releases():
+    """`amisbench methods --verbose` builds ISIC3 methods with its 3 reader slots (styles), LIDC ones with 4."""
+    import argparse
+
+    from amisbench.cli import _method_details
+
+    expect = {("mose", "lidc", 128, 1): "9,321,195", ("c_prob_unet", "isic3", 256, 3): "3,951,449",
+              ("c_ssn", "isic3", 256, 3): "2,263,308"}
+    for (name, dataset, size, channels), count in expect.items():
+        line = _method_details(name, argparse.Namespace(profile="paper", dataset=dataset, size=size, channels=channels))
+        assert f"{size}x{size}x{channels}: {count} parameters" in line, line
