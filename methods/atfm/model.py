@@ -14,7 +14,12 @@ Data-Hierarchical Inference (:meth:`ATFM.sample`): one GTR pass per image gives 
 distribution; n logit maps are drawn from it, squashed by the sigmoid, and carried to masks by ``steps``
 Euler steps of the ST-Net (25 by default, Heun as an option), thresholded at 0.5. All n samples of all
 images run as one batched tensor, cut into chunks of ``sample_chunk`` samples; every random number is
-drawn up front from the caller's generator, so the output does not depend on the chunk size.
+drawn up front from the caller's generator, so the output does not depend on the chunk size
+(``sample_chunk: auto``, the default: the largest chunk the free CUDA memory holds). Speed switches, none of
+which changes the model: ``attention: sdpa`` (``F.scaled_dot_product_attention`` in the bottleneck; ``einsum``
+as released), ``channels_last``, ``cuda_graphs`` (the Euler loop of a chunk replayed as one CUDA graph);
+bf16 autocast and ``torch.compile`` of the ST-Net are ``eval.amp`` / ``eval.compile`` (``timing --dtype`` /
+``--compile``), under which the flow's state stays float32.
 ``sampler: release_loop`` draws the samples one at a time (one image and one sample per pass, each with
 its own GTR pass and Euler steps), like the release's per-sample loop (kept for the timing comparison).
 
@@ -61,6 +66,8 @@ eval mode, and the sfm loss additionally evaluates GTR in eval mode under ``no_g
 
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +84,11 @@ from .._blocks import check_chunk, chunks, pick_reader
 from .gtr import GTR, release_backbone
 from .st_net import STNet, STNetConfig
 
+AUTO_CHUNK = 256  # sample_chunk: auto off CUDA
+AUTO_MEMORY_FRACTION = 0.8  # sample_chunk: auto on CUDA: share of the free memory one chunk may take
+_SAMPLE_BYTES: dict[tuple, int] = {}  # CUDA memory of one sample's ST-Net call, per shape and dtype (auto chunk)
+_GRAPHS: "weakref.WeakKeyDictionary[ATFM, dict]" = weakref.WeakKeyDictionary()  # captured Euler loops, per model
+_NOTED: set[str] = set()  # devices on which the cuda_graphs note was printed
 GREY = (0.299, 0.587, 0.114)  # the release's RGB -> grey weights for the ST-Net condition (train_prior_ISIC.py)
 RELEASE_WEIGHTS_LABEL = "leaky: ATFM release weights (trained on the release's slice-level split)"
 
@@ -112,9 +124,13 @@ class ATFMConfig:
     steps: int = 25
     solver: Literal["euler", "heun"] = "euler"
     threshold: float = 0.5
-    sample_chunk: int = 256  # most samples per ST-Net batch (0: all at once)
+    # most samples per ST-Net batch; 0: all at once; auto: the most that fit in 80 % of the free CUDA memory
+    # (one probe call measures the memory of a sample), 256 on other devices; the output does not depend on it
+    sample_chunk: int | Literal["auto"] = "auto"
     sampler: Literal["batched", "release_loop"] = "batched"
     channels_last: bool = True  # NHWC layout for both networks (speed only)
+    attention: Literal["sdpa", "einsum"] = "sdpa"  # bottleneck attention: fused kernel, or as released (einsum)
+    cuda_graphs: bool = False  # replay the fixed-shape Euler loop of a chunk as one CUDA graph (CUDA only)
 
 
 @register_method("atfm")
@@ -132,13 +148,14 @@ class ATFM(Method):
             raise UserError(f"method.mc_samples: antithetic sampling needs an even number, got {cfg.mc_samples}")
         if cfg.timesteps < 1:
             raise UserError(f"method.timesteps: expected T = 1 / lambda >= 1, got {cfg.timesteps}")
-        check_chunk(cfg.sample_chunk)
+        if cfg.sample_chunk != "auto":
+            check_chunk(cfg.sample_chunk)
         if cfg.cond == "grey" and spec.channels != 3:
             raise UserError(f"method.cond: 'grey' needs RGB images, {spec.name or 'the dataset'} has "
                             f"{spec.channels} channel(s); use cond: image")
         self.gtr = GTR(spec.channels, cfg.gtr, cfg.rank, cfg.eps, cfg.channels_last, cfg.eps_twice)
         self.st_net = STNet(1 if cfg.cond == "grey" else spec.channels, cfg.st_net, dim=spec.height,
-                            channels_last=cfg.channels_last)
+                            channels_last=cfg.channels_last, attention=cfg.attention)
         self._gtr_frozen = False
         for key, net, load in (("init_gtr", self.gtr, release.load_gtr),
                                ("init_sfm", self.st_net, release.load_st_net)):
@@ -244,13 +261,83 @@ class ATFM(Method):
             cond = self.condition(images)
             out = torch.empty((b * n, h, w), dtype=torch.bool, device=images.device)
             owner = torch.arange(b * n, device=images.device) // n  # image of each flat sample
-            for s, e in chunks(b * n, self.cfg.sample_chunk):
-                x1 = sfm.integrate(self.st_net, flat[s:e], cond[owner[s:e]], steps=self.cfg.steps,
-                                   solver=self.cfg.solver)
+            chunk = self.chunk_size(b * n, flat, cond)
+            for s, e in chunks(b * n, chunk):
+                x1 = self._integrate(flat[s:e], cond[owner[s:e]], min(chunk, b * n) if chunk else b * n)
                 out[s:e] = x1[:, 0] > self.cfg.threshold
             return out.reshape(b, n, h, w)
         finally:
             self.train(was)
+
+    def chunk_size(self, total: int, flat: Tensor, cond: Tensor) -> int:
+        """``sample_chunk``, with ``auto`` resolved: on CUDA the most samples whose ST-Net call fits in
+        ``AUTO_MEMORY_FRACTION`` of the free memory (free on the device plus cached by torch), the memory of one
+        sample measured once per shape and autocast dtype by a probe call on a few samples; elsewhere
+        ``AUTO_CHUNK`` (a CPU gains nothing from larger batches)."""
+        c = self.cfg.sample_chunk
+        if c != "auto":
+            return c
+        dev = flat.device
+        if dev.type != "cuda":
+            return min(total, AUTO_CHUNK)
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(flat.shape[1:]), tuple(cond.shape[1:]), flat.dtype, amp, dev)
+        per = _SAMPLE_BYTES.get(key)
+        if per is None:
+            k = min(total, 8)
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            self.st_net(flat[:k], torch.zeros(k, device=dev, dtype=flat.dtype), cond[:k])
+            torch.cuda.synchronize(dev)
+            per = _SAMPLE_BYTES[key] = max(1, (torch.cuda.max_memory_allocated(dev) - base) // k)
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return max(1, min(total, int(AUTO_MEMORY_FRACTION * free) // per))
+
+    def _integrate(self, x0: Tensor, cond: Tensor, size: int) -> Tensor:
+        """The Euler (or Heun) steps of one chunk; with ``cuda_graphs`` on CUDA, replayed from a CUDA graph
+        captured once per chunk shape (a shorter last chunk runs padded to ``size``). The graph's output
+        buffer is returned: read it before the next call."""
+        c = self.cfg
+        if not c.cuda_graphs or x0.device.type != "cuda":
+            if c.cuda_graphs and x0.device.type not in _NOTED:
+                _NOTED.add(x0.device.type)
+                print(f"atfm: method.cuda_graphs has no effect on {x0.device.type} (CUDA only); sampling eagerly",
+                      file=sys.stderr)
+            return sfm.integrate(self.st_net, x0, cond, steps=c.steps, solver=c.solver)
+        n = x0.shape[0]
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (size, tuple(x0.shape[1:]), tuple(cond.shape[1:]), x0.dtype, amp, c.steps, c.solver, x0.device,
+               next(self.st_net.parameters()).data_ptr())  # moved weights: a new graph
+        graphs = _GRAPHS.setdefault(self, {})
+        entry = graphs.get(key)
+        if entry is None:
+            graphs.clear()  # one graph per model: its memory pool holds a chunk's activations
+            sx = x0.new_zeros((size, *x0.shape[1:]))
+            sc = cond.new_zeros((size, *cond.shape[1:]))
+            sx[:n], sc[:n] = x0, cond
+
+            def run() -> Tensor:
+                # autocast's weight cache would be freed when the caller's autocast exits: off inside graphs
+                with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None,
+                                    cache_enabled=False):
+                    return sfm.integrate(self.st_net, sx, sc, steps=c.steps, solver=c.solver)
+
+            side = torch.cuda.Stream(x0.device)
+            side.wait_stream(torch.cuda.current_stream(x0.device))
+            with torch.cuda.stream(side):
+                run()  # warm-up outside the graph (lazy initialisation, kernel selection)
+            torch.cuda.current_stream(x0.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                so = run()
+            entry = graphs[key] = (graph, sx, sc, so)
+        graph, sx, sc, so = entry
+        sx[:n].copy_(x0)
+        sc[:n].copy_(cond)
+        graph.replay()
+        return so[:n]
 
     @torch.no_grad()
     def sample_loop(self, images: Tensor, n: int, *, generator: torch.Generator | None = None) -> Tensor:

@@ -91,12 +91,16 @@ def _heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v (B, heads, N, d) -> (B, heads, N, d).
-
-    The same result as ``F.scaled_dot_product_attention(q, k, v)`` (default scale 1/sqrt(d)), written
-    out so that it runs everywhere in float32; the one place to swap in a fused kernel."""
+    """softmax(q k^T / sqrt(d)) v for q, k, v (B, heads, N, d) -> (B, heads, N, d), written out as the
+    release computes it (``attention: einsum``)."""
     sim = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k)
     return torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
+
+
+#: ``method.attention``: the bottleneck's softmax attention, written out or as PyTorch's fused kernel
+#: (``F.scaled_dot_product_attention``, default scale 1/sqrt(d): the same function up to rounding; flash /
+#: memory-efficient kernels on CUDA, no N x N matrix kept).
+ATTENTION = {"einsum": softmax_attention, "sdpa": F.scaled_dot_product_attention}
 
 
 class LinearAttention(nn.Module):
@@ -124,9 +128,10 @@ class LinearAttention(nn.Module):
 class Attention(nn.Module):
     """x + conv(multi-head softmax attention(GroupNorm(x))) over all positions (the bottleneck)."""
 
-    def __init__(self, ch: int, heads: int, head_dim: int):
+    def __init__(self, ch: int, heads: int, head_dim: int, attention: str = "einsum"):
         super().__init__()
         self.heads = heads
+        self.attend = ATTENTION[attention]
         self.norm = nn.GroupNorm(1, ch)
         self.qkv = nn.Conv2d(ch, 3 * heads * head_dim, 1, bias=False)
         self.out = nn.Conv2d(heads * head_dim, ch, 1)
@@ -134,7 +139,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         q, k, v = (p.transpose(-1, -2) for p in _heads(self.qkv(self.norm(x)), self.heads))  # (B,heads,N,d)
-        o = softmax_attention(q, k, v)
+        o = self.attend(q, k, v)
         return x + self.out(o.transpose(-1, -2).reshape(b, -1, h, w))
 
 
@@ -154,13 +159,18 @@ class STNet(nn.Module):
         cfg: widths and attention.
         dim: base width when ``cfg.dim`` is 0 (the image size).
         channels_last: NHWC weights and activations (the same model; faster convolutions).
+        attention: ``einsum`` (written out, as released) or ``sdpa`` (``F.scaled_dot_product_attention``)
+            for the bottleneck attention: the same weights and function, up to rounding.
 
     Shapes: ``forward(x_t (N,1,H,W), t (N,) in [0, 1), cond (N,C,H,W)) -> v (N,1,H,W)``; H and W must be
     divisible by ``2 ** (len(mults) - 1)``.
     """
 
-    def __init__(self, cond_channels: int, cfg: STNetConfig, dim: int = 0, channels_last: bool = False):
+    def __init__(self, cond_channels: int, cfg: STNetConfig, dim: int = 0, channels_last: bool = False,
+                 attention: str = "einsum"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"ST-Net attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         dim = cfg.dim or dim
         if dim < 4 or dim % 2:
             raise ValueError(f"ST-Net base width must be even and at least 4, got {dim}")
@@ -188,7 +198,7 @@ class STNet(nn.Module):
             self.down.append(Level(res(a, a), res(a, a), LinearAttention(a, h, hd), resample))
         mid = widths[-1]
         self.mid1 = res(mid, mid)
-        self.mid_attn = Attention(mid, h, hd)
+        self.mid_attn = Attention(mid, h, hd, attention)
         self.mid2 = res(mid, mid)
         self.up = nn.ModuleList()
         for i, (a, b) in enumerate(reversed(pairs)):
