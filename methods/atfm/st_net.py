@@ -18,7 +18,7 @@ resnet_block_groups=1)``) is a DDPM-style U-Net. In words (``../shared/reference
 
 Weight standardisation as released: the release writes ``(w - mean) / rsqrt(var + eps)``, i.e. it
 *multiplies* the centred weights by the standard deviation instead of dividing by it; reproduced here so
-that the release's trained weights give the release's velocities (eps 1e-5 in float32, 1e-3 otherwise).
+that the release's trained weights give the release's velocities (eps 1e-5 for float32 weights, 1e-3 otherwise; the release tests the input's dtype, which differs only under autocast).
 
 Every profile builds this network; ``smoke``/``quick`` only shrink ``dim`` and the attention (``heads`` x
 ``head_dim``, 4 x 32 in the release). Module names are our own; :mod:`.release` maps the release's
@@ -57,8 +57,11 @@ class WSConv2d(nn.Conv2d):
     """Convolution with the release's weight standardisation (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        # the release picks eps by the input's dtype; by the weights' here, which is the same for a model cast
+        # to half precision, while under autocast (float32 weights, bf16 activations) the standardised
+        # weights stay those of the float32 model instead of changing scale by 1e-3 / var
         w = self.weight
+        eps = 1e-5 if w.dtype == torch.float32 else 1e-3
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
         w = (w - mean) / (var + eps).rsqrt()  # as released: scales by the std (see the module docstring)
