@@ -302,7 +302,13 @@ def test_sample_leaves_the_module_mode_alone_and_release_loop_shape():
     loop = m.sample_loop(images, 5, generator=torch.Generator().manual_seed(0))
     assert loop.dtype == torch.bool and loop.shape == (2, 5, 16, 16)
     m.cfg.sampler = "release_loop"
+    calls = {"gtr": 0, "st_net": 0}
+    hooks = [getattr(m, k).register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls]
     assert torch.equal(m.sample(images, 5, generator=torch.Generator().manual_seed(0)), loop)
+    for h in hooks:
+        h.remove()
+    # as the release's test script: one GTR pass per image, then the Euler steps of one sample at a time
+    assert calls == {"gtr": 2, "st_net": 2 * 5 * m.cfg.steps}
 
 
 def test_sample_under_autocast_keeps_the_flow_in_float32():
@@ -338,7 +344,7 @@ def test_nfe():
     assert ATFM(tiny_cfg(steps=25, solver="heun"), spec).nfe(100) == 1 + 5000
     assert ATFM(tiny_cfg(steps=25, source="gaussian"), spec).nfe(100) == 2500
     assert ATFM(tiny_cfg(flow=False), spec).nfe(100) == 1
-    assert ATFM(tiny_cfg(steps=25, sampler="release_loop"), spec).nfe(100) == 100 + 2500
+    assert ATFM(tiny_cfg(steps=25, sampler="release_loop"), spec).nfe(100) == 1 + 2500  # GTR once per image
 
 
 def test_state_dict_round_trip_gives_the_same_samples():

@@ -20,8 +20,8 @@ which changes the model: ``attention: sdpa`` (``F.scaled_dot_product_attention``
 as released), ``channels_last``, ``cuda_graphs`` (the Euler loop of a chunk replayed as one CUDA graph);
 bf16 autocast and ``torch.compile`` of the ST-Net are ``eval.amp`` / ``eval.compile`` (``timing --dtype`` /
 ``--compile``), under which the flow's state stays float32.
-``sampler: release_loop`` draws the samples one at a time (one image and one sample per pass, each with
-its own GTR pass and Euler steps), like the release's per-sample loop (kept for the timing comparison).
+``sampler: release_loop`` draws the samples one at a time (one GTR pass per image, then one sample per
+pass with its own Euler steps), like the release's test script (kept for the timing comparison).
 
 The truncation: the full flow would start at Gaussian noise; ATFM starts it at the explicit Gaussian of
 GTR at T_trunc (paper Theorems 1-2: a Gaussian over logits is an admissible diffusion marginal), so the
@@ -235,17 +235,26 @@ class ATFM(Method):
         return torch.sigmoid(z)
 
     # -- sampling -------------------------------------------------------------------------------------
-    def _sources(self, images: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-        """All sources of a call, drawn up front: (B,n,H*W); for ``flow: false`` the GTR probabilities."""
+    def _sources(self, images: Tensor, n: int, generator: torch.Generator | None, dist=None) -> Tensor:
+        """All sources of a call, drawn up front: (B,n,H*W); for ``flow: false`` the GTR probabilities.
+        ``dist``: the GTR distribution of ``images`` when already computed (:meth:`_truncation`)."""
         b, _, h, w = images.shape
         if self.cfg.flow and self.cfg.source == "gaussian":
             return torch.randn((n, b, h * w), generator=generator, device=images.device,
                                dtype=images.dtype).transpose(0, 1)
-        # one GTR pass, n draws: (n,B,D); in float32 also under autocast (one pass per image: the draws stay
-        # exact at no cost worth saving, and the flow is integrated in float32)
+        dist = dist if dist is not None else self._truncation(images)
         with torch.autocast(images.device.type, enabled=False):
-            z = self.gtr(images.float()).rsample(n, generator=generator)
+            z = dist.rsample(n, generator=generator)  # n draws: (n,B,D)
         return torch.sigmoid(z).transpose(0, 1)
+
+    def _truncation(self, images: Tensor):
+        """One GTR pass: the truncation distribution of ``images``, None for a Gaussian source. In float32
+        also under autocast (one pass per image: the draws stay exact at no cost worth saving, and the flow
+        is integrated in float32)."""
+        if self.cfg.flow and self.cfg.source == "gaussian":
+            return None
+        with torch.autocast(images.device.type, enabled=False):
+            return self.gtr(images.float())
 
     @torch.no_grad()
     def sample(self, images, n, *, generator=None, context=None):
@@ -342,8 +351,8 @@ class ATFM(Method):
 
     @torch.no_grad()
     def sample_loop(self, images: Tensor, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """The release's way of sampling: one image and one sample per pass, each with its own GTR pass
-        and its own ``steps`` ST-Net evaluations on a batch of one.
+        """The release's way of sampling (``test_prior_LIDC.py``): one GTR pass per image, then one sample
+        at a time, each with its own ``steps`` ST-Net evaluations on a batch of one.
 
         Same distribution as :meth:`sample`, different random stream; kept to measure the batched sampler
         against (``tests/test_atfm_benchmark.py``). Returns bool (B,n,H,W).
@@ -355,8 +364,9 @@ class ATFM(Method):
         try:
             for i in range(b):
                 image = images[i:i + 1]
+                dist = self._truncation(image)
                 for j in range(n):
-                    x = self._sources(image, 1, generator).reshape(1, 1, h, w)
+                    x = self._sources(image, 1, generator, dist).reshape(1, 1, h, w)
                     if self.cfg.flow:
                         x = sfm.integrate(self.st_net, x, self.condition(image), steps=self.cfg.steps,
                                           solver=self.cfg.solver)
@@ -367,12 +377,10 @@ class ATFM(Method):
 
     def nfe(self, n: int) -> int:
         """Network evaluations for n samples of one image: 1 GTR pass + n x steps ST-Net evaluations
-        (x2 for Heun); 1 for Act. GTR; no GTR pass with a Gaussian source; the release loop repeats the GTR
-        pass for every sample."""
+        (x2 for Heun); 1 for Act. GTR; no GTR pass with a Gaussian source; the release loop, too, runs the GTR
+        once per image."""
         c = self.cfg
         if not c.flow:
-            return 1 if c.sampler == "batched" else n
+            return 1
         st = n * c.steps * (2 if c.solver == "heun" else 1)
-        if c.source == "gaussian":
-            return st
-        return st + (1 if c.sampler == "batched" else n)
+        return st if c.source == "gaussian" else st + 1

@@ -18,7 +18,8 @@ resnet_block_groups=1)``) is a DDPM-style U-Net. In words (``../shared/reference
 
 Weight standardisation as released: the release writes ``(w - mean) / rsqrt(var + eps)``, i.e. it
 *multiplies* the centred weights by the standard deviation instead of dividing by it; reproduced here so
-that the release's trained weights give the release's velocities (eps 1e-5 for float32 weights, 1e-3 otherwise; the release tests the input's dtype, which differs only under autocast).
+that the release's trained weights give the release's velocities (eps 1e-5 for float32 weights, 1e-3
+otherwise; the release tests the input's dtype, which differs only under autocast).
 
 Every profile builds this network; ``smoke``/``quick`` only shrink ``dim`` and the attention (``heads`` x
 ``head_dim``, 4 x 32 in the release). Module names are our own; :mod:`.release` maps the release's
