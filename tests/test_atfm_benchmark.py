@@ -2,9 +2,8 @@
 
 100 samples for each of 8 images with the ``quick`` ATFM on ``synthetic`` (64 px). ``ATFM.sample`` runs
 one GTR pass and then the Euler steps for all 800 samples as one batched tensor (in chunks of
-``sample_chunk``); ``ATFM.sample_loop`` (``sampler: release_loop``) draws them one at a time, one image
-and one sample per pass, each with its own GTR pass and its own Euler steps, as the released code's
-evaluation loop does. The weights are untrained: the work per sample does not depend on them.
+``sample_chunk``); ``ATFM.sample_loop`` (``sampler: release_loop``) draws them one at a time after one
+GTR pass per image, each sample with its own Euler steps, as the released code's evaluation loop does. The weights are untrained: the work per sample does not depend on them.
 
 Run the full benchmark with::
 
