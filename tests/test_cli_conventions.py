@@ -42,7 +42,7 @@ def test_methods_lists_each_methods_variants(capsys):
     assert cli.main(["methods"]) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
     assert "variants: act_gtr, atfm, atfm_no_lsf, release, sfm, sfm_no_lsf" in lines["atfm"]
-    assert "variants: l1" in lines["phiseg"] and "variants" not in lines["ssn"]
+    assert "variants: flips, l1" in lines["phiseg"] and "variants" not in lines["unet"]
 
 
 def test_a_broken_plugin_is_one_warning_line_and_the_others_list_and_run(monkeypatch, capsys):

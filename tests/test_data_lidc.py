@@ -160,9 +160,9 @@ def test_atfm_gtr_stage_trains_on_the_release_gtr_rows(tmp_path, monkeypatch):
     seen: dict[str, set[int]] = {}
     real = runner.collate
 
-    def spy(dataset, idx, device, aug_seed=None):
+    def spy(dataset, idx, device, aug_seed=None, augment=None):
         seen.setdefault(aug_seed[1], set()).update(idx)
-        return real(dataset, idx, device, aug_seed)
+        return real(dataset, idx, device, aug_seed, augment)
 
     monkeypatch.setattr(runner, "collate", spy)
     sets = ["train.gtr.steps=null", "train.gtr.epochs=2", "train.gtr.batch_size=4", "train.sfm.steps=null",
