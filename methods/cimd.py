@@ -8,7 +8,7 @@ Model (``guided_diffusion/gaussian_diffusion.py``, ``training_losses_segmentatio
 - Gaussian diffusion of the reader mask in {0, 1} (``res = where(mask > 0, 1, 0)``; no +-1 code):
   q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), T = 1000, linear betas 1e-4 .. 0.02, step index
   t in 0..T-1 (0 = one step) fed to the network unscaled (``rescale_timesteps False``).
-- Denoiser: guided diffusion's ``UNetModel`` (:class:`~amisbench.nn.guided_unet.GuidedUNet`, 128 channels,
+- Denoiser: guided diffusion's ``UNetModel`` (:class:`~amisbench.nn.openai_unet.OpenAIUNet`, 128 channels,
   multipliers 1,1,2,3,4, 2 residual blocks per level, one-head attention at downsampling 8, no scale-shift
   norm) on [image x ``image_repeat``, x_t] (``lidcloader.py`` concatenates the greyscale slice 4 times;
   ``script_util.create_model`` fixes ``in_channels=5``). Two output channels: eps and the variance
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from amisbench.api import DataSpec, Method
 from amisbench.errors import UserError
-from amisbench.nn.guided_unet import GuidedUNet, GuidedUNetConfig
+from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
 from amisbench.registry import register_method
 
 from ._blocks import check_chunk, chunks, kl_diag_gaussians, pick_reader
@@ -156,7 +156,12 @@ def vb_term_bits(diff: LearntVarianceDiffusion, x0: Tensor, xt: Tensor, k: Tenso
 
 @dataclass
 class CIMDConfig:
-    unet: GuidedUNetConfig = field(default_factory=GuidedUNetConfig)  # README MODEL_FLAGS at 128 px
+    # README MODEL_FLAGS at 128 px: --num_channels 128 --num_res_blocks 2 --num_heads 1 --attention_resolutions 16
+    # (downsampling rate 128 // 16 = 8); script_util.py create_model: channel_mult (1, 1, 2, 3, 4) at 128 px,
+    # num_head_channels -1, dropout 0; GroupNorm32 (32 groups)
+    unet: OpenAIUNetConfig = field(default_factory=lambda: OpenAIUNetConfig(
+        base_channels=128, channel_mult=(1, 1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(8,),
+        num_head_channels=-1, num_heads=1, dropout=0.0, groups=32))
     image_repeat: int = 4  # lidcloader.py: the slice concatenated 4 times -> in_channels 5 (script_util.py)
     encoder_widths: tuple[int, ...] = (32, 64, 128, 192)  # script_util.py: num_filters
     encoder_convs: int = 3  # script_util.py: no_convs_per_block
@@ -188,7 +193,7 @@ class CIMD(Method):
                             "sample_steps non-negative")
         enc = tuple(cfg.encoder_widths)
         c = spec.channels
-        self.net = GuidedUNet(cfg.image_repeat * c + 1, 2 if cfg.learn_sigma else 1, cfg.unet)
+        self.net = OpenAIUNet(cfg.image_repeat * c + 1, 2 if cfg.learn_sigma else 1, cfg.unet)
         self.prior = AxisAlignedConvGaussian(c + 1, enc, cfg.encoder_convs, cfg.latent_dim)
         self.posterior = AxisAlignedConvGaussian(c + 1, enc, cfg.encoder_convs, cfg.latent_dim)
         for enc_net in (self.prior, self.posterior):

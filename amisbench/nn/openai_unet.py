@@ -1,4 +1,5 @@
-"""The OpenAI diffusion U-Net (Dhariwal & Nichol 2021, ``guided_diffusion/unet.py``), as CCDM's release uses it.
+"""The OpenAI diffusion U-Net (Dhariwal & Nichol 2021, ``guided_diffusion/unet.py``, ``UNetModel``), the
+denoiser of both CCDM's and CIMD's releases (each method's config sets its width and attention layout).
 
 Layout and parameter names follow that file so that a state_dict has the release's shapes: ``time_embed``
 (Linear, SiLU, Linear to 4 x base), ``input_blocks`` (a 3x3 stem, then per level ``num_res_blocks`` residual
@@ -7,18 +8,20 @@ levels), ``middle_block`` (residual, attention, residual), ``output_blocks`` (pe
 residual blocks on the concatenated skip, attention as above, nearest upsampling + 3x3 conv between levels) and
 ``out`` (norm, SiLU, zero-initialised 3x3 conv). A residual block is norm, SiLU, 3x3 conv; plus a linear map of
 the time embedding; norm, SiLU, dropout, zero-initialised 3x3 conv; plus a skip (1x1 conv where the width
-changes). Attention is the "legacy" QKV order (per head [q, k, v]) on 1-D convolutions.
+changes). Attention is the "legacy" QKV order (per head [q, k, v]) on 1-D convolutions. Group norms are
+computed in float32 (the release's ``GroupNorm32``; gcd(groups, width) groups so that small widths build).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import make_norm, timestep_embedding
+from .unet import timestep_embedding
 
 
 @dataclass
@@ -33,6 +36,16 @@ class OpenAIUNetConfig:
     groups: int = 32  # GroupNorm groups (gcd with the width)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (also under autocast), with gcd(groups, ch) groups."""
+
+    def __init__(self, groups: int, ch: int):
+        super().__init__(math.gcd(groups, ch), ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         if not p.is_meta:
@@ -43,9 +56,9 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     def __init__(self, cin: int, emb: int, cout: int, dropout: float, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(make_norm("group", cin, groups), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, cout))
-        self.out_layers = nn.Sequential(make_norm("group", cout, groups), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(GroupNorm32(groups, cout), nn.SiLU(), nn.Dropout(dropout),
                                         _zero(nn.Conv2d(cout, cout, 3, padding=1)))
         self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -58,7 +71,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int, heads: int, groups: int):
         super().__init__()
         self.heads = heads
-        self.norm = make_norm("group", ch, groups)
+        self.norm = GroupNorm32(groups, ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv1d(ch, ch, 1))
 
@@ -147,7 +160,7 @@ class OpenAIUNet(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(Step(layers))
-        self.out = nn.Sequential(make_norm("group", ch, g), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
         self.levels = len(cfg.channel_mult)
 
