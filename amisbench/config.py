@@ -52,7 +52,9 @@ class StageConfig:
     gamma: float = 0.1  # ``step`` and ``plateau``: the factor of each decay
     # ``plateau``: multiply the lr by ``gamma`` when the validation metric ``plateau_metric`` (default: the
     # one of ``select``) has not improved by more than ``plateau_threshold`` (relative) for ``patience``
-    # evaluations (one every ``eval_every`` steps), never below ``min_lr`` (torch's ReduceLROnPlateau, rel mode)
+    # evaluations (one every ``eval_every`` steps), never below ``min_lr`` (torch's ReduceLROnPlateau, rel mode);
+    # ``plateau_metric: train_loss`` watches the mean training loss of the ``eval_every`` steps before each
+    # observation instead (no validation set needed), ``train_loss_cumulative`` the mean since the stage began
     plateau_metric: str = ""
     patience: int = 10
     plateau_threshold: float = 1e-4

@@ -508,6 +508,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                         f"{spec.method} on {spec.dataset} (seed {spec.seed}); lower train.{stage}.lr "
                         f"(now {sc.lr:g}) or set train.{stage}.grad_clip; the last checkpoint is kept")
                 gnorm = update(loss, params, opt, sched, sc)
+                if plateau is not None:
+                    plateau.add_loss(float(loss.detach()))
                 if ema is not None:
                     with torch.no_grad():
                         for i, p in enumerate(params):
@@ -524,7 +526,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                         extra_log.log(row)
                 rep.update(step, f"loss {float(loss.detach()):.4f}", every=sc.log_every)
                 saved = False
-                if val_ds is not None and (smetric or plateau) and (step % sc.eval_every == 0 or step == total):
+                if (smetric or plateau) and (val_ds is not None or not SEL.needs_validation(sc)) \
+                        and (step % sc.eval_every == 0 or step == total):
                     saved = _validation_step(model, val_ds, cfg.eval, spec.seed, dev, folder, stage, step, sc,
                                              params, ema, plateau, opt, sched, selection, log_rows,
                                              lambda path: checkpoint(stage, step, opt, sched, ema,
@@ -640,20 +643,25 @@ def _validation_step(model, val_ds, ecfg, seed, dev, folder, stage, step, sc, pa
             backup = [p.detach().clone() for p in params]
             for i, p in enumerate(params):
                 p.copy_(ema[f"{i}"])
+    rec = selection.get(stage)
     try:
-        vals = SEL.validate(model, val_ds, ecfg, seed=seed, device=dev, out_dir=folder / "val_tmp")
+        vals = SEL.validate(model, val_ds, ecfg, seed=seed, device=dev, out_dir=folder / "val_tmp") \
+            if rec is not None or (plateau is not None and plateau.metric not in SEL.TRAIN_LOSSES) else {}
     finally:
         if backup is not None:
             with torch.no_grad():
                 for p, b in zip(params, backup):
                     p.copy_(b)
     n = ecfg.val_samples
-    log_rows.append({"stage": stage, "step": step, **{f"val_{k}_{n}": v for k, v in vals.items()}})
-    if plateau is not None and plateau.metric in vals and plateau.observe(vals[plateau.metric]):
+    row = {f"val_{k}_{n}": v for k, v in vals.items()}
+    if plateau is not None and plateau.metric in SEL.TRAIN_LOSSES:
+        vals = {**vals, plateau.metric: plateau.mean_loss()}
+        row[f"mean_{plateau.metric}"] = vals[plateau.metric]
+    log_rows.append({"stage": stage, "step": step, **row})
+    if plateau is not None and vals.get(plateau.metric) is not None and plateau.observe(vals[plateau.metric]):
         for g, base, lam in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
             g["lr"] = base * lam(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in opt.param_groups]
-    rec = selection.get(stage)
     if rec is None:
         return False
     metric = sc.select.partition(":")[2]

@@ -25,6 +25,12 @@ from .seeding import derive_seed
 
 # metric -> +1 when larger is better, -1 when smaller is better
 METRICS = {"GED": -1, "GED_true": -1, "HMIoU": 1, "MDM": 1, "diversity": 1}
+# what a plateau schedule may also watch: the mean training loss of the steps since its last observation
+# (train_loss), or of every step since the stage began (train_loss_cumulative: MoSE's engine.py steps
+# ReduceLROnPlateau on np.mean of a losses_list that it never empties)
+TRAIN_LOSS, TRAIN_LOSS_CUMULATIVE = "train_loss", "train_loss_cumulative"
+TRAIN_LOSSES = (TRAIN_LOSS, TRAIN_LOSS_CUMULATIVE)
+DIRECTION = {**METRICS, TRAIN_LOSS: -1, TRAIN_LOSS_CUMULATIVE: -1}
 
 
 def selection_metric(sc: StageConfig, where: str) -> str | None:
@@ -42,9 +48,9 @@ def plateau_metric(sc: StageConfig, where: str) -> str | None:
     if sc.schedule != "plateau":
         return None
     metric = sc.plateau_metric or selection_metric(sc, where)
-    if metric not in METRICS:
-        raise UserError(f"{where}.plateau_metric: expected one of {', '.join(METRICS)} (or a select: best:<metric> "
-                        f"to take it from), got {sc.plateau_metric!r}")
+    if metric not in DIRECTION:
+        raise UserError(f"{where}.plateau_metric: expected one of {', '.join(DIRECTION)} (or a select: "
+                        f"best:<metric> to take it from), got {sc.plateau_metric!r}")
     return metric
 
 
@@ -56,10 +62,12 @@ def check_stage(sc: StageConfig, ecfg: EvalConfig, where: str) -> None:
         parse_augment(sc.augment, f"{where}.augment")
     needs = selection_metric(sc, where) or plateau_metric(sc, where)
     if needs and sc.eval_every < 1:
+        # (with plateau_metric train_loss, eval_every is the period of the plateau's observations)
         raise UserError(f"{where}.eval_every: expected a positive number of steps with select '{sc.select}' and "
                         f"schedule '{sc.schedule}', got {sc.eval_every}")
     if sc.eval_every < 0 or sc.patience < 0 or sc.plateau_threshold < 0:
         raise UserError(f"{where}: eval_every, patience and plateau_threshold must be non-negative")
+    needs = needs and needs_validation(sc)
     if needs and (ecfg.val_images < 1 or ecfg.val_samples < 1):
         raise UserError(f"eval.val_images and eval.val_samples: expected positive counts, got {ecfg.val_images} "
                         f"and {ecfg.val_samples}")
@@ -68,7 +76,7 @@ def check_stage(sc: StageConfig, ecfg: EvalConfig, where: str) -> None:
 
 
 def needs_validation(sc: StageConfig) -> bool:
-    return sc.select != "last" or sc.schedule == "plateau"
+    return sc.select != "last" or (sc.schedule == "plateau" and sc.plateau_metric not in TRAIN_LOSSES)
 
 
 def stage_augment(sc: StageConfig, dataset: Any):
@@ -220,7 +228,7 @@ def improved(value: float, best: float | None, metric: str, threshold: float = 0
     """Strictly better than ``best`` (by more than ``threshold`` relative, torch's rel mode)."""
     if best is None:
         return math.isfinite(value)
-    if METRICS[metric] < 0:
+    if DIRECTION[metric] < 0:
         return value < best * (1 - threshold) if best >= 0 else value < best * (1 + threshold)
     return value > best * (1 + threshold) if best >= 0 else value > best * (1 - threshold)
 
@@ -234,6 +242,22 @@ class Plateau:
         self.factor = 1.0
         self.best: float | None = None
         self.bad = 0
+        self.loss_sum, self.loss_n = 0.0, 0  # plateau_metric train_loss: the steps since the last observation
+
+    def add_loss(self, value: float) -> None:
+        if self.metric in TRAIN_LOSSES:
+            self.loss_sum += value
+            self.loss_n += 1
+
+    def mean_loss(self) -> float | None:
+        """The mean training loss since the last call (``train_loss``: then start anew) or since the stage began
+        (``train_loss_cumulative``); None when no step was taken."""
+        if not self.loss_n:
+            return None
+        mean = self.loss_sum / self.loss_n
+        if self.metric == TRAIN_LOSS:
+            self.loss_sum, self.loss_n = 0.0, 0
+        return mean
 
     def floor(self) -> float:
         return self.sc.min_lr / self.sc.lr if self.sc.lr > 0 else 0.0
@@ -251,7 +275,9 @@ class Plateau:
         return False
 
     def state_dict(self) -> dict:
-        return {"factor": self.factor, "best": self.best, "bad": self.bad}
+        return {"factor": self.factor, "best": self.best, "bad": self.bad, "loss_sum": self.loss_sum,
+                "loss_n": self.loss_n}
 
     def load_state_dict(self, state: dict) -> None:
         self.factor, self.best, self.bad = state["factor"], state["best"], state["bad"]
+        self.loss_sum, self.loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)

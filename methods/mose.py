@@ -32,9 +32,10 @@ gate``, the release's ``get_latent_codes_sampling``) or cycles through the exper
 :meth:`MoSE.weighted_samples` gives the release's weighted set (K S samples with weights pi_k / S).
 
 Deviations: the release evaluates (and keeps the best-validation-GED checkpoint) on its weighted set; the
-suite scores n unweighted samples. Adam with weight decay 1e-5 is set in ``configs/methods/mose.yaml``; the
-release's ReduceLROnPlateau (factor 1/2, patience 10 epochs, min 1e-5), flip/rotate augmentation and
-best-validation-GED checkpoint are runner features that main does not have yet, so they are not applied.
+suite scores n unweighted samples (and selects its best-validation-GED checkpoint on those). The training
+protocol is the runner's, set in ``configs/methods/mose.yaml``: Adam with weight decay 1e-5, the release's
+ReduceLROnPlateau (factor 1/2, patience 10 epochs, min 1e-5) on the cumulative mean training loss
+(``plateau_metric: train_loss_cumulative``), flip / rotate augmentation, best-validation-GED checkpoint.
 Reproducing the release's initialisation: the backbone's He-normal weights use normal, not truncated
 normal, biases (std 0.001).
 """

@@ -3,6 +3,8 @@ schedule, the validation part carved from train, and CCDM's vote."""
 
 import collections
 import csv
+import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from amisbench import runner as R
+from amisbench import selection as SEL
 from amisbench.api import DataSpec
 from amisbench.config import StageConfig, resolve
 from amisbench.errors import UserError
@@ -313,3 +316,37 @@ def test_openai_unet_output_starts_at_zero_and_keeps_the_size():
     assert out.shape == (2, 2, 16, 16) and torch.count_nonzero(out) == 0  # zero-initialised output conv
     with pytest.raises(ValueError, match="not divisible"):
         net(torch.randn(1, 3, 15, 15), torch.tensor([1.0]))
+
+
+def test_plateau_on_training_loss_windows_and_cumulative_means():
+    sc = StageConfig(lr=1.0, gamma=0.5, patience=0, schedule="plateau", plateau_metric="train_loss")
+    win, cum = Plateau(sc, "train_loss"), Plateau(sc, "train_loss_cumulative")
+    for p in (win, cum):
+        for v in (4.0, 2.0):
+            p.add_loss(v)
+    assert win.mean_loss() == 3.0 and cum.mean_loss() == 3.0
+    for p in (win, cum):
+        p.add_loss(6.0)
+    assert win.mean_loss() == 6.0  # the window since the last observation
+    assert cum.mean_loss() == 4.0  # (4 + 2 + 6) / 3: MoSE's never-emptied losses_list
+    assert win.mean_loss() is None
+    q = Plateau(sc, "train_loss_cumulative")
+    q.load_state_dict(cum.state_dict())
+    q.add_loss(0.0)
+    assert q.mean_loss() == 3.0  # the running sums travel with the checkpoint
+    assert not SEL.needs_validation(sc)
+    assert SEL.needs_validation(dataclasses.replace(sc, select="best:GED"))
+
+
+def test_plateau_on_training_loss_lowers_the_lr_without_a_validation_set(tmp_path):
+    # threshold 10 (relative): no later mean counts as an improvement, so with patience 0 every observation
+    # after the first halves the lr (observations at steps 2, 4, 6, each after that step's log row)
+    sets = ["train.main.steps=6", "train.main.eval_every=2", "train.main.schedule=plateau",
+            "train.main.plateau_metric=train_loss_cumulative", "train.main.patience=0", "train.main.gamma=0.5",
+            "train.main.plateau_threshold=10", "train.main.lr=0.001", "train.main.log_every=1"]
+    folder = run("unet", "synthetic", profile="smoke", sets=sets, results=tmp_path, quiet=True)
+    rows = list(csv.DictReader(io.StringIO((folder / "train_log.csv").read_text())))
+    lrs = [float(r["lr"]) for r in rows if r.get("lr")]
+    assert lrs == [pytest.approx(v) for v in (1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4)]
+    observed = [r for r in rows if r.get("mean_train_loss_cumulative")]
+    assert len(observed) == 3 and not any(k.startswith("val_") and r[k] for r in rows for k in r)
