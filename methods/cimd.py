@@ -30,6 +30,9 @@ Model (``guided_diffusion/gaussian_diffusion.py``, ``training_losses_segmentatio
   steps the improved-diffusion way (``respace.space_timesteps``: N evenly spaced, rounded step indices,
   betas recomputed from abar at the kept steps, the network still sees the original indices): the ATFM
   paper's Table 3 setting is N = 100, a labelled option (variant ``respaced100``), not the release.
+  ``sampler: ddim`` is the release's ``--use_ddim True`` switch (``ddim_sample_loop_known``, eta 0: each step
+  goes to sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps, with eps re-derived from the clipped x_0), used by
+  the CPU-sized ``quick`` profile, where 5-10 respaced ancestral steps leave the masks noisy.
 
 NFE: ``nfe(n) = n * sampling steps`` (nothing runs once per image).
 
@@ -118,6 +121,18 @@ class LearntVarianceDiffusion:
         return mean, logvar, x0
 
 
+    def ddim_step(self, x0: Tensor, xt: Tensor, k: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of the DDIM step from kept step k to k - 1 (guided-diffusion's
+        ``ddim_sample``): eps re-derived from the (clipped) x_0 estimate, sigma = eta sqrt((1 - abar_prev) /
+        (1 - abar)) sqrt(1 - abar / abar_prev), mean = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps."""
+        a = self._at(self.abar, k, xt)
+        prev = self._at(torch.cat([self.abar.new_ones(1), self.abar[:-1]]), k, xt)
+        eps = (xt / a.sqrt() - x0) / (1.0 / a - 1.0).sqrt()
+        sigma = eta * ((1 - prev) / (1 - a)).sqrt() * (1 - a / prev).sqrt()
+        mean = prev.sqrt() * x0 + (1 - prev - sigma.square()).clamp_min(0).sqrt() * eps
+        return mean, sigma.expand_as(xt)
+
+
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2))
@@ -174,6 +189,10 @@ class CIMDConfig:
     beta_end: float = 0.02
     sample_steps: int = 0  # 0: all T steps (release); N: respaced to N steps (Table 3 of the ATFM paper: 100)
     clip_denoised: bool = True  # segmentation_sample.py: clip_denoised=True
+    # segmentation_sample.py: use_ddim=False (ancestral p_sample_loop_known); its --use_ddim True switch runs
+    # gaussian_diffusion.ddim_sample_loop_known with eta = 0.0 instead (``sampler: ddim``, ``ddim_eta``)
+    sampler: str = "ancestral"
+    ddim_eta: float = 0.0
     threshold: float = 0.5  # on the final {0,1}-coded sample
     sample_chunk: int = 64  # most chains per denoiser batch (0: all at once); memory only
 
@@ -191,6 +210,9 @@ class CIMD(Method):
         if cfg.steps < 2 or cfg.sample_steps < 0 or cfg.latent_dim < 1 or cfg.image_repeat < 1:
             raise UserError("method: steps must be at least 2, latent_dim and image_repeat at least 1 and "
                             "sample_steps non-negative")
+        if cfg.sampler not in ("ancestral", "ddim") or cfg.ddim_eta < 0:
+            raise UserError(f"method.sampler: expected 'ancestral' or 'ddim' (with ddim_eta >= 0), got "
+                            f"{cfg.sampler!r} (ddim_eta {cfg.ddim_eta})")
         enc = tuple(cfg.encoder_widths)
         c = spec.channels
         self.net = OpenAIUNet(cfg.image_repeat * c + 1, 2 if cfg.learn_sigma else 1, cfg.unet)
@@ -262,12 +284,16 @@ class CIMD(Method):
             for k in range(len(diff.use) - 1, -1, -1):
                 kk = torch.full((m,), k, device=dev, dtype=torch.long)
                 eps, v = self.denoise(x, img, torch.full((m,), diff.use[k], device=dev))
-                mean, logvar, _ = diff.p_mean_logvar(eps, v, x, kk, self.cfg.clip_denoised)
+                mean, logvar, x0 = diff.p_mean_logvar(eps, v, x, kk, self.cfg.clip_denoised)
+                if self.cfg.sampler == "ddim":
+                    mean, std = diff.ddim_step(x0, x, kk, self.cfg.ddim_eta)
+                else:
+                    std = torch.exp(0.5 * logvar)
                 if k == 0:
                     x = mean
                 else:
                     noise = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
-                    x = mean + torch.exp(0.5 * logvar) * noise
+                    x = mean + std * noise
             flat[s0:s1] = x[:, 0] > self.cfg.threshold
         return out
 

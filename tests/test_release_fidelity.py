@@ -193,6 +193,27 @@ def test_cimd_posterior_and_learnt_variance_match_the_closed_form(count):
     assert torch.allclose(logvar[0], logvar[1])  # the clipped log variance at the first step
 
 
+def test_cimd_ddim_step_recovers_the_noise_and_its_eta_one_variance_is_the_posterior_one():
+    from amisbench.methods._diffusion import linear_alpha_bar
+
+    abar = linear_alpha_bar(100)[1:]
+    diff = LearntVarianceDiffusion(abar, space_timesteps(100, 10))
+    g = torch.Generator().manual_seed(2)
+    k = torch.arange(1, 10)
+    x0 = torch.rand((9, 1, 2, 2), generator=g, dtype=D64)
+    noise = torch.randn((9, 1, 2, 2), generator=g, dtype=D64)
+    xt = diff.q_sample(x0, k, noise)
+    mean, std = diff.ddim_step(x0, xt, k, 0.0)
+    prev = diff.abar[k - 1].view(-1, 1, 1, 1)
+    # eta 0 with the true x_0: deterministic, the same noise carried to the previous kept step
+    assert torch.allclose(mean, prev.sqrt() * x0 + (1 - prev).sqrt() * noise) and not std.any()
+    _, std1 = diff.ddim_step(x0, xt, k, 1.0)
+    _, logvar = diff.q_posterior(x0, xt, k)
+    assert torch.allclose(std1.square(), logvar.exp())  # eta 1: sigma^2 = beta~ (DDPM's posterior variance)
+    mean0, _ = diff.ddim_step(x0[:1], xt[:1], torch.zeros(1, dtype=torch.long), 0.0)
+    assert torch.allclose(mean0, x0[:1])  # the last step lands on the x_0 estimate
+
+
 def test_cimd_vb_term_is_the_gaussian_kl_in_bits_and_the_decoder_nll_at_zero():
     from amisbench.methods._diffusion import linear_alpha_bar
 
@@ -261,6 +282,13 @@ def test_cimd_sampling_never_uses_the_encoders_and_counts_its_steps():
     assert s.shape == (2, 3, 16, 16) and s.dtype == torch.bool
     assert len(calls) == 5 == model.nfe(3) // 3
     assert torch.equal(s, model.sample(images, 3, generator=torch.Generator().manual_seed(0)))
+    # --use_ddim True: as many network calls, other (seeded) masks; a bad sampler name is refused
+    ddim = _build("cimd", "synthetic", "smoke", SPEC, sample_steps=5, sampler="ddim")
+    d = ddim.sample(images, 3, generator=torch.Generator().manual_seed(0))
+    assert d.shape == s.shape and ddim.nfe(3) == model.nfe(3) and not torch.equal(d, s)
+    assert torch.equal(d, ddim.sample(images, 3, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(UserError, match="method.sampler"):
+        _build("cimd", "synthetic", "smoke", SPEC, sampler="dpm")
     # the release samples all T = 1000 steps; Table 3's respacing keeps 100 of improved diffusion's indices
     with torch.device("meta"):
         paper = METHODS.get("cimd")(resolve("cimd", "lidc", "paper").cfg.method, DataSpec(1, 128, 128, 4, "lidc"))
