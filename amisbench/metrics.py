@@ -13,14 +13,15 @@ sets and gives one number per image. The conventions are the ones of the publish
 
 How it is computed: every pairwise intersection is an exact integer count. A pixel outside the smallest
 rectangle (window) holding the set pixels of an image's masks is empty in all of them, so each image is
-counted on its window only (for lesion masks a small part of the image): the window is cut into chunks of
-whole rows of at most 256 pixels, the chunks of a group of images go through one batched matrix product,
-and the chunk counts are summed per image. A count over at most 256 pixels is an integer that bfloat16
-holds exactly whatever the accumulation, so on CPUs with AMX tiles the product runs in bfloat16 (several
-times faster than float32 there), elsewhere (CUDA, other CPUs) in float32; the sums are exact in float32
-up to 2**24 pixels and in float64 beyond. Areas are the diagonal of the same product. IoU/Dice are
-formed from the counts in float64, on groups of images small enough to stay in cache. The Hungarian
-matching of HM-IoU runs in SciPy, one call per image on the small ``lcm(n, m)``-tiled IoU matrix.
+counted on its window only (for lesion masks a small part of the image). On CPUs with AMX tiles the
+window of each image is copied as int8 ``(K, pixels)`` and one int8 product with int32 sums
+(``torch._int_mm``) counts all its pairs, exactly up to 2**31 pixels. Elsewhere (CUDA, other CPUs)
+the window is cut into chunks of whole rows of at most 256 pixels, the chunks of a group of images go
+through one batched float32 product, and the chunk counts are summed per image (exact in float32 up to
+2**24 pixels, in float64 beyond). Areas are the diagonal of the same product. IoU/Dice are formed from
+the counts in float64, once per image for all the blocks a function needs; the prefixes of
+:func:`table_metrics` are sub-blocks of one count. The Hungarian matching of HM-IoU runs in SciPy, one
+call per image on the small ``lcm(n, m)``-tiled IoU matrix.
 Everything else stays on the input's device (CPU or CUDA).
 
 Inputs are numpy arrays or torch tensors, bool or 0/1 integers (0/1 floats are accepted too), one image
@@ -60,10 +61,11 @@ __all__ = [
 
 # float32 sums of 0/1 products are exact while every partial sum is <= 2**24 (the float32 mantissa).
 _FLOAT32_EXACT_PIXELS = 2**24
-# Pixels per chunk of a window: bfloat16 holds every integer up to 2**8 exactly, so a product over at
-# most 256 pixels is exact in bfloat16 whatever the order or precision of its accumulation.
+# int32 sums of 0/1 products are exact up to 2**31 - 1 pixels.
+_INT32_EXACT_PIXELS = 2**31 - 1
+# Pixels per chunk of a window in the batched float32 product (CUDA, CPUs without AMX).
 _CHUNK_PIXELS = 2**8
-# AMX tiles: bfloat16 products several times faster than float32 ones on this CPU.
+# AMX tiles: int8 products with int32 sums, about ten times faster than float32 ones on such a CPU.
 _HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # CPU: copy windows and OR masks with numpy (tests switch it off to run the CUDA code path on CPU).
 _NUMPY_COPIES = True
@@ -294,10 +296,10 @@ def _numpy_path(device: torch.device) -> bool:
     return device.type == "cpu" and _NUMPY_COPIES
 
 
-def _bf16_products(device: torch.device) -> bool:
-    """Count in bfloat16 chunks (:func:`_counts`) on CPUs with AMX tiles, where a bfloat16 product
-    runs several times faster than a float32 one; float32 elsewhere (CUDA, other CPUs)."""
-    return device.type == "cpu" and _HAS_AMX
+def _int8_products(device: torch.device, pixels: int) -> bool:
+    """Count each image's window in one int8 product (:func:`_gram_int8`) on CPUs with AMX tiles;
+    float32 chunks elsewhere (CUDA, other CPUs)."""
+    return _numpy_path(device) and _HAS_AMX and pixels <= _INT32_EXACT_PIXELS
 
 
 class _Buffer:
@@ -394,15 +396,43 @@ def _fill(x: Any, sources: Sequence[Any], b: int, box: tuple[int, int, int, int]
         offset += k
 
 
+def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+    """:func:`_gram` on a CPU with AMX tiles: per image, its window copied as int8 ``(K, pixels)``
+    (numpy's strided copy) and one int8 product with exact int32 sums."""
+    bsz, total = parts[0].shape[0], sum(p.shape[1] for p in parts)
+    counts = torch.zeros((bsz, total, total), dtype=torch.int32)
+    # at least 2 columns: torch._int_mm gives wrong sums for an inner dimension of 1
+    widths = [max(2, (b[1] - b[0]) * (b[3] - b[2])) for b in boxes if b is not None]
+    buffer = torch.empty(total * max(widths, default=2), dtype=torch.int8)
+    staging = buffer.numpy()
+    sources = [p.numpy().view(np.int8) for p in parts]
+    for b, box in enumerate(boxes):
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box
+        pixels = (r1 - r0) * (c1 - c0)
+        width = max(2, pixels)
+        flat = staging[:total * width].reshape(total, width)
+        window = flat[:, :pixels].reshape(total, r1 - r0, c1 - c0)
+        offset = 0
+        for p in sources:
+            window[offset:offset + p.shape[1]] = p[b, :, r0:r1, c0:c1]
+            offset += p.shape[1]
+        if width > pixels:
+            flat[:, pixels:] = 0
+        x = buffer[:total * width].view(total, width)
+        torch._int_mm(x, x.T, out=counts[b])
+    return counts.double()
+
+
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Exact intersection counts of every pair of masks of each image, on the window of its set pixels.
 
-    Each image's window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K,
-    256)`` for a group of images, and one batched product counts every chunk; the chunk counts summed per
-    image are the exact counts. A count over at most 256 pixels is an integer that bfloat16 holds exactly
-    whatever the accumulation, so on CPUs with AMX tiles (:func:`_bf16_products`) the product runs in
-    bfloat16, elsewhere in float32. A window wider than 256 pixels is counted on its own in float32
-    (float64 beyond 2**24 pixels).
+    On CPUs with AMX tiles one int8 product per image (:func:`_gram_int8`). Elsewhere each image's
+    window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K, 256)`` for a
+    group of images, and one batched float32 product counts every chunk; the chunk counts summed per
+    image are the exact counts (float64 sums beyond 2**24 pixels). A window wider than 256 pixels is
+    counted on its own.
 
     Args:
         parts: Bool tensors ``(B, k_i, H, W)`` on one device; their masks are concatenated (``K = sum k_i``).
@@ -414,11 +444,13 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     bsz, height = parts[0].shape[0], parts[0].shape[-2]
     total = sum(p.shape[1] for p in parts)
     device = parts[0].device
+    boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
+    if _int8_products(device, parts[0][0, 0].numel()):
+        return _gram_int8(parts, boxes)
     # per-chunk counts are <= 256; their sum per image is exact in float32 up to 2**24 pixels
     acc = _matmul_dtype(parts[0][0, 0].numel()) if bsz else torch.float64
     inter = torch.zeros((bsz, total, total), dtype=acc, device=device)
-    boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
-    dtype = torch.bfloat16 if _bf16_products(device) else torch.float32
+    dtype = torch.float32
     # images go through in groups of about _GROUP_BYTES of chunks, so the chunks stay in cache
     group = max(1, _GROUP_BYTES[device.type == "cuda"] // (total * _CHUNK_PIXELS * dtype.itemsize))
     buffer, staging = _Buffer(), _Buffer()
@@ -465,7 +497,7 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _cross_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Intersections ``(B, n, m)`` and areas ``(B, n)``, ``(B, m)`` (float64) of two sets ``(B, k, H, W)``:
-    blocks of the Gram matrix of both (on AMX CPUs a whole bfloat16 Gram costs less than a strided
+    blocks of the Gram matrix of both (on AMX CPUs a whole int8 Gram costs less than a strided
     cross product)."""
     n = a.shape[1]
     gram = _gram([a, b])

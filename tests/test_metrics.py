@@ -415,7 +415,7 @@ def test_unbiased_needs_two_members():
 @pytest.mark.parametrize("amx", [True, False])
 def test_float64_count_path_and_groups(monkeypatch, amx):
     """Force the float64 sums (used beyond 2**24 pixels), one image per group and either product dtype
-    (bfloat16 chunks as on AMX CPUs, float32 elsewhere): the same numbers."""
+    (one int8 product per image as on AMX CPUs, float32 chunks elsewhere): the same numbers."""
     s, y = random_sets(17, 10, 4, 12, 12, 0.3, 0.25, batch=5)
     ts, ty = torch.from_numpy(s), torch.from_numpy(y)
     want = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
