@@ -517,16 +517,45 @@ def _dice(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty
     return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), empty)
 
 
-def _mean_distance(iou: torch.Tensor, *, exclude_diagonal: bool) -> torch.Tensor:
-    """Mean of ``1 - IoU`` over the last two axes ``(B, k, k) -> (B,)``; NaN if no pair is left."""
-    dist = 1.0 - iou
-    k = dist.shape[-1]
-    if not exclude_diagonal:
-        return dist.mean(dim=(-2, -1))
-    if k < 2:
-        return torch.full(dist.shape[:-2], math.nan, dtype=dist.dtype, device=dist.device)
-    off = dist.sum(dim=(-2, -1)) - torch.diagonal(dist, dim1=-2, dim2=-1).sum(-1)
-    return off / (k * (k - 1))
+def _ged_terms(
+    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GED and its three expectations ``(B,)`` at the first ``n`` samples, for each ``n`` in ``ns``.
+
+    ``counts`` ``(B, N + m, N + m)`` are the counts of ``N`` samples then ``m`` readers. The IoU of every
+    pair is formed once, with 0 for two empty masks; each expectation is then a block sum of it plus
+    ``empty`` times the number of pairs of two empty masks in the block (the first ``n`` samples hold
+    ``e_n`` empty masks: ``e_n**2`` such sample pairs, ``e_n * e_y`` cross pairs). A non-empty mask has
+    IoU exactly 1 with itself, so without self-pairs (``unbiased``) the diagonal removes
+    ``e_n (1 - empty)`` from the summed distances.
+
+    Returns:
+        ``{n: (ged, cross, sample_div, reader_div)}``.
+    """
+    m = counts.shape[-1] - big_n
+    area = torch.diagonal(counts, dim1=-2, dim2=-1)
+    union = area[:, :, None] + area[:, None, :]
+    union.sub_(counts).clamp_(min=1.0)
+    iou = torch.div(counts, union, out=union)  # 0 where both masks are empty
+    blank = (area == 0).to(counts.dtype)
+    blank_s = torch.cumsum(blank[:, :big_n], dim=1)  # empty masks among the first n samples
+    blank_y = blank[:, big_n:].sum(dim=1)
+
+    def mean_distance(iou_sum: torch.Tensor, k: int, blanks: torch.Tensor) -> torch.Tensor:
+        if not unbiased:
+            return 1.0 - iou_sum / (k * k)
+        if k < 2:
+            return torch.full_like(iou_sum, math.nan)
+        return (k * k - iou_sum - blanks * (1.0 - empty)) / (k * (k - 1))
+
+    reader_div = mean_distance(iou[:, big_n:, big_n:].sum(dim=(1, 2)) + empty * blank_y**2, m, blank_y)
+    out = {}
+    for n in ns:
+        e = blank_s[:, n - 1]
+        cross = 1.0 - (iou[:, :n, big_n:].sum(dim=(1, 2)) + empty * e * blank_y) / (n * m)
+        sample_div = mean_distance(iou[:, :n, :n].sum(dim=(1, 2)) + empty * e * e, n, e)
+        out[n] = (2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,14 +586,15 @@ def _in_groups(fn: Callable[[torch.Tensor, torch.Tensor], Any], pair: _Pair) -> 
 def _hungarian_mean(iou: torch.Tensor) -> torch.Tensor:
     """HM-IoU ``(B,)`` from IoU matrices ``(B, n, m)``: one SciPy assignment per image on the tiling."""
     values = iou.detach().cpu().numpy()
-    _, n, m = values.shape
+    bsz, n, m = values.shape
     size = n * m // math.gcd(n, m)
-    out = np.empty(values.shape[0], dtype=np.float64)
-    for b, mat in enumerate(values):
-        # Repeating sample i and reader j to lcm(n, m) members = tiling the n x m IoU matrix.
-        tiled = np.tile(mat, (size // n, size // m))
-        rows, cols = linear_sum_assignment(1.0 - tiled)
-        out[b] = tiled[rows, cols].mean()
+    # Repeating sample i and reader j to lcm(n, m) members = tiling the n x m IoU matrix.
+    tiled = np.tile(values, (1, size // n, size // m))
+    cost = 1.0 - tiled
+    cols = np.empty((bsz, size), dtype=np.intp)
+    for b in range(bsz):
+        cols[b] = linear_sum_assignment(cost[b])[1]  # rows: 0..size-1 in order (a square matrix)
+    out = np.take_along_axis(tiled, cols[:, :, None], axis=2)[:, :, 0].mean(axis=1)
     return torch.from_numpy(out).to(iou.device)
 
 
@@ -700,13 +730,7 @@ def ged(
     n = pair.samples.shape[1]
 
     def terms(s: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        counts = _gram([s, y])
-        area = torch.diagonal(counts, dim1=-2, dim2=-1)
-        iou = _iou(counts, area, area, empty)
-        cross = (1.0 - iou[:, :n, n:]).mean(dim=(-2, -1))
-        sample_div = _mean_distance(iou[:, :n, :n], exclude_diagonal=unbiased)
-        reader_div = _mean_distance(iou[:, n:, n:], exclude_diagonal=unbiased)
-        return 2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div
+        return _ged_terms(_gram([s, y]), n, (n,), empty, unbiased)[n]
 
     values = _in_groups(terms, pair)
     return tuple(pair.out(v) for v in values) if return_terms else pair.out(values[0])
@@ -844,23 +868,18 @@ def table_metrics(
         counts = _gram([s, y])  # (B, N+m, N+m)
         area = torch.diagonal(counts, dim1=-2, dim2=-1)
         area_s, area_y = area[:, :big_n], area[:, big_n:]
-        iou_ss = _iou(counts[:, :big_n, :big_n], area_s, area_s, empty_i)
-        iou_sy = _iou(counts[:, :big_n, big_n:], area_s, area_y, empty_i)
-        iou_yy = _iou(counts[:, big_n:, big_n:], area_y, area_y, empty_i)
         out: dict[str, torch.Tensor] = {}
-        reader_div = _mean_distance(iou_yy, exclude_diagonal=unbiased)
-        sample_div = None
+        terms = _ged_terms(counts, big_n, kept, empty_i, unbiased)
         for n in kept:
-            cross = (1.0 - iou_sy[:, :n]).mean(dim=(-2, -1))
-            sample_div = _mean_distance(iou_ss[:, :n, :n], exclude_diagonal=unbiased)
-            out[f"GED_{n}"] = 2.0 * cross - sample_div - reader_div
+            out[f"GED_{n}"] = terms[n][0]
         if hm_n is not None and hm_n <= big_n:
-            out[f"HMIoU_{hm_n}"] = _hungarian_mean(iou_sy[:, :hm_n])
+            iou = _iou(counts[:, :hm_n, big_n:], area_s[:, :hm_n], area_y, empty_i)
+            out[f"HMIoU_{hm_n}"] = _hungarian_mean(iou)
         if mdm_n is not None and mdm_n <= big_n:
             dice = _dice(counts[:, :mdm_n, big_n:], area_s[:, :mdm_n], area_y, empty_d)
             out[f"MDM_{mdm_n}"] = _mdm_from_dice(dice)
         if kept:
-            out[f"diversity_{kept[-1]}"] = sample_div
+            out[f"diversity_{kept[-1]}"] = terms[kept[-1]][2]
         return out
 
     return _in_groups(columns, pair)
