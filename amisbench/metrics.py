@@ -663,17 +663,15 @@ def pairwise_dice(a: Any, b: Any, *, empty_dice: float = 1.0) -> Any:
     """Dice coefficient of every mask of ``a`` with every mask of ``b``.
 
     ``Dice(a_i, b_j) = 2 |a_i & b_j| / (|a_i| + |b_j|)``, and ``empty_dice`` when both masks are empty.
+    Inputs, output and errors as in :func:`pairwise_iou`.
 
     Args:
-        a: Binary masks ``(..., n, H, W)`` (bool or 0/1), numpy or torch.
-        b: Binary masks ``(..., m, H, W)`` with the same leading dims, H and W.
+        a: Binary masks ``(..., n, H, W)``.
+        b: Binary masks ``(..., m, H, W)``.
         empty_dice: Dice of two empty masks (the field's convention is 1).
 
     Returns:
-        float64 ``(..., n, m)``: a numpy array for numpy input, a tensor on the input's device for torch.
-
-    Raises:
-        ValueError: On mismatched shapes or non-binary values.
+        float64 ``(..., n, m)`` Dice coefficients (numpy or torch, following the input).
 
     Example:
         >>> import torch
@@ -757,8 +755,8 @@ def hm_iou(samples: Any, gts: Any, *, empty_iou: float = 1.0) -> Any:
         ValueError: On mismatched shapes, empty sets or non-binary values.
 
     Example:
-        >>> import numpy as np
-        >>> y = np.zeros((2, 4, 4), dtype=bool); y[0, :2] = True; y[1, :, :2] = True
+        >>> from numpy import zeros
+        >>> y = zeros((2, 4, 4), dtype=bool); y[0, :2] = True; y[1, :, :2] = True
         >>> hm_iou(y, y)
         1.0
         >>> round(hm_iou(y[:1], y), 4)   # L = 2: the one sample is matched to both readers
