@@ -423,6 +423,7 @@ def test_float64_count_path_and_groups(monkeypatch, amx):
     monkeypatch.setattr(metrics, "_HAS_AMX", amx)
     monkeypatch.setattr(metrics, "_FLOAT32_EXACT_PIXELS", 10)
     monkeypatch.setattr(metrics, "_GROUP_BYTES", {False: 1, True: 1})
+    monkeypatch.setattr(metrics, "_FORMULA_GROUP_BYTES", 1)
     assert metrics._matmul_dtype(144) == torch.float64
     got = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
     for key in want:
