@@ -434,7 +434,8 @@ def test_float64_count_path_and_groups(monkeypatch, amx):
 @pytest.mark.parametrize("amx, numpy_copies", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("hw", [(5, 100), (40, 300), (3, 257), (64, 17), (1, 1), (200, 3)])
 def test_counts_on_windows_are_exact(monkeypatch, amx, numpy_copies, hw):
-    """The counts come from each image's window of set pixels, in chunks of whole rows of <= 256 pixels:
+    """The counts come from each image's window of set pixels: one int8 product per image (AMX CPUs; a
+    one-pixel window is padded to two columns) or chunks of whole rows of <= 256 pixels (elsewhere):
     windows wider than a chunk (counted whole), images too short for whole-row chunks (the last chunk
     takes the rest), one-pixel and very tall windows give the integer counts of a plain loop; with numpy's
     copies (CPU) and with torch's (the CUDA code path)."""
