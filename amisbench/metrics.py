@@ -448,7 +448,7 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     total = sum(p.shape[1] for p in parts)
     device = parts[0].device
     boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
-    if _int8_products(device, parts[0][0, 0].numel()):
+    if _int8_products(device, height * parts[0].shape[-1]):
         return _gram_int8(parts, boxes)
     # per-chunk counts are <= 256; their sum per image is exact in float32 up to 2**24 pixels
     acc = _matmul_dtype(parts[0][0, 0].numel()) if bsz else torch.float64

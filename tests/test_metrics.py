@@ -383,6 +383,17 @@ def test_non_contiguous_inputs():
     assert np.allclose(ged(ts, ty).numpy(), ged(s.transpose(0, 1, 3, 2), y.transpose(0, 1, 3, 2)))
 
 
+def test_empty_batch_and_empty_images():
+    """A batch of no images gives empty results; images of no pixels count as all-empty masks."""
+    s, y = torch.zeros(0, 5, 8, 8, dtype=torch.bool), torch.zeros(0, 2, 8, 8, dtype=torch.bool)
+    for fn in (ged, hm_iou, mdm):
+        assert fn(s, y).shape == (0,)
+    assert all(v.shape == (0,) for v in table_metrics(s, y, ns=(5,), hm_n=5, mdm_n=5).values())
+    s, y = torch.zeros(2, 5, 0, 8, dtype=torch.bool), torch.zeros(2, 2, 0, 8, dtype=torch.bool)
+    assert ged(s, y).tolist() == [0.0, 0.0] and hm_iou(s, y).tolist() == [1.0, 1.0]
+    assert mdm(s, y, empty_dice=0.0).tolist() == [0.0, 0.0]
+
+
 def test_read_only_arrays_without_warning():
     s, y = random_sets(18, 5, 3, 6, 6, 0.4, 0.25)
     s.flags.writeable = False
