@@ -13,14 +13,15 @@ sets and gives one number per image. The conventions are the ones of the publish
 
 How it is computed: every pairwise intersection is an exact integer count. A pixel outside the smallest
 rectangle (window) holding the set pixels of an image's masks is empty in all of them, so each image is
-counted on its window only (for lesion masks a small part of the image): the window is cut into chunks of
-whole rows of at most 256 pixels, the chunks of a group of images go through one batched matrix product,
-and the chunk counts are summed per image. A count over at most 256 pixels is an integer that bfloat16
-holds exactly whatever the accumulation, so on CPUs with AMX tiles the product runs in bfloat16 (several
-times faster than float32 there), elsewhere (CUDA, other CPUs) in float32; the sums are exact in float32
-up to 2**24 pixels and in float64 beyond. Areas are the diagonal of the same product. IoU/Dice are
-formed from the counts in float64, on groups of images small enough to stay in cache. The Hungarian
-matching of HM-IoU runs in SciPy, one call per image on the small ``lcm(n, m)``-tiled IoU matrix.
+counted on its window only (for lesion masks a small part of the image). On CPUs with AMX tiles the
+window of each image is copied as int8 ``(K, pixels)`` and one int8 product with int32 sums
+(``torch._int_mm``) counts all its pairs, exactly up to 2**31 pixels. Elsewhere (CUDA, other CPUs)
+the window is cut into chunks of whole rows of at most 256 pixels, the chunks of a group of images go
+through one batched float32 product, and the chunk counts are summed per image (exact in float32 up to
+2**24 pixels, in float64 beyond). Areas are the diagonal of the same product. IoU/Dice are formed from
+the counts in float64, once per image for all the blocks a function needs; the prefixes of
+:func:`table_metrics` are sub-blocks of one count. The Hungarian matching of HM-IoU runs in SciPy, one
+call per image on the small ``lcm(n, m)``-tiled IoU matrix.
 Everything else stays on the input's device (CPU or CUDA).
 
 Inputs are numpy arrays or torch tensors, bool or 0/1 integers (0/1 floats are accepted too), one image
@@ -60,15 +61,19 @@ __all__ = [
 
 # float32 sums of 0/1 products are exact while every partial sum is <= 2**24 (the float32 mantissa).
 _FLOAT32_EXACT_PIXELS = 2**24
-# Pixels per chunk of a window: bfloat16 holds every integer up to 2**8 exactly, so a product over at
-# most 256 pixels is exact in bfloat16 whatever the order or precision of its accumulation.
+# int32 sums of 0/1 products are exact up to 2**31 - 1 pixels.
+_INT32_EXACT_PIXELS = 2**31 - 1
+# Pixels per chunk of a window in the batched float32 product (CUDA, CPUs without AMX).
 _CHUNK_PIXELS = 2**8
-# AMX tiles: bfloat16 products several times faster than float32 ones on this CPU.
+# AMX tiles: int8 products with int32 sums, about ten times faster than float32 ones on such a CPU.
 _HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # CPU: copy windows and OR masks with numpy (tests switch it off to run the CUDA code path on CPU).
 _NUMPY_COPIES = True
 # Bytes of window chunks counted per product (CPU: about the L2 cache; CUDA: large batches).
 _GROUP_BYTES = {False: 2**20, True: 256 * 2**20}
+# Bytes of float64 count matrices per group of images the metric formulas run on (CPU): about the L2
+# cache of two cores; fewer, larger groups spend less on per-call overhead than they lose to cache misses.
+_FORMULA_GROUP_BYTES = 2**22
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,10 +299,10 @@ def _numpy_path(device: torch.device) -> bool:
     return device.type == "cpu" and _NUMPY_COPIES
 
 
-def _bf16_products(device: torch.device) -> bool:
-    """Count in bfloat16 chunks (:func:`_counts`) on CPUs with AMX tiles, where a bfloat16 product
-    runs several times faster than a float32 one; float32 elsewhere (CUDA, other CPUs)."""
-    return device.type == "cpu" and _HAS_AMX
+def _int8_products(device: torch.device, pixels: int) -> bool:
+    """Count each image's window in one int8 product (:func:`_gram_int8`) on CPUs with AMX tiles;
+    float32 chunks elsewhere (CUDA, other CPUs)."""
+    return _numpy_path(device) and _HAS_AMX and pixels <= _INT32_EXACT_PIXELS
 
 
 class _Buffer:
@@ -394,15 +399,43 @@ def _fill(x: Any, sources: Sequence[Any], b: int, box: tuple[int, int, int, int]
         offset += k
 
 
+def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
+    """:func:`_gram` on a CPU with AMX tiles: per image, its window copied as int8 ``(K, pixels)``
+    (numpy's strided copy) and one int8 product with exact int32 sums."""
+    bsz, total = parts[0].shape[0], sum(p.shape[1] for p in parts)
+    counts = torch.zeros((bsz, total, total), dtype=torch.int32)
+    # at least 2 columns: torch._int_mm gives wrong sums for an inner dimension of 1
+    widths = [max(2, (b[1] - b[0]) * (b[3] - b[2])) for b in boxes if b is not None]
+    buffer = torch.empty(total * max(widths, default=2), dtype=torch.int8)
+    staging = buffer.numpy()
+    sources = [p.numpy().view(np.int8) for p in parts]
+    for b, box in enumerate(boxes):
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box
+        pixels = (r1 - r0) * (c1 - c0)
+        width = max(2, pixels)
+        flat = staging[:total * width].reshape(total, width)
+        window = flat[:, :pixels].reshape(total, r1 - r0, c1 - c0)
+        offset = 0
+        for p in sources:
+            window[offset:offset + p.shape[1]] = p[b, :, r0:r1, c0:c1]
+            offset += p.shape[1]
+        if width > pixels:
+            flat[:, pixels:] = 0
+        x = buffer[:total * width].view(total, width)
+        torch._int_mm(x, x.T, out=counts[b])
+    return counts.double()
+
+
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Exact intersection counts of every pair of masks of each image, on the window of its set pixels.
 
-    Each image's window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K,
-    256)`` for a group of images, and one batched product counts every chunk; the chunk counts summed per
-    image are the exact counts. A count over at most 256 pixels is an integer that bfloat16 holds exactly
-    whatever the accumulation, so on CPUs with AMX tiles (:func:`_bf16_products`) the product runs in
-    bfloat16, elsewhere in float32. A window wider than 256 pixels is counted on its own in float32
-    (float64 beyond 2**24 pixels).
+    On CPUs with AMX tiles one int8 product per image (:func:`_gram_int8`). Elsewhere each image's
+    window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K, 256)`` for a
+    group of images, and one batched float32 product counts every chunk; the chunk counts summed per
+    image are the exact counts (float64 sums beyond 2**24 pixels). A window wider than 256 pixels is
+    counted on its own.
 
     Args:
         parts: Bool tensors ``(B, k_i, H, W)`` on one device; their masks are concatenated (``K = sum k_i``).
@@ -414,11 +447,13 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     bsz, height = parts[0].shape[0], parts[0].shape[-2]
     total = sum(p.shape[1] for p in parts)
     device = parts[0].device
+    boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
+    if _int8_products(device, height * parts[0].shape[-1]):
+        return _gram_int8(parts, boxes)
     # per-chunk counts are <= 256; their sum per image is exact in float32 up to 2**24 pixels
     acc = _matmul_dtype(parts[0][0, 0].numel()) if bsz else torch.float64
     inter = torch.zeros((bsz, total, total), dtype=acc, device=device)
-    boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
-    dtype = torch.bfloat16 if _bf16_products(device) else torch.float32
+    dtype = torch.float32
     # images go through in groups of about _GROUP_BYTES of chunks, so the chunks stay in cache
     group = max(1, _GROUP_BYTES[device.type == "cuda"] // (total * _CHUNK_PIXELS * dtype.itemsize))
     buffer, staging = _Buffer(), _Buffer()
@@ -465,7 +500,7 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _cross_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Intersections ``(B, n, m)`` and areas ``(B, n)``, ``(B, m)`` (float64) of two sets ``(B, k, H, W)``:
-    blocks of the Gram matrix of both (on AMX CPUs a whole bfloat16 Gram costs less than a strided
+    blocks of the Gram matrix of both (on AMX CPUs a whole int8 Gram costs less than a strided
     cross product)."""
     n = a.shape[1]
     gram = _gram([a, b])
@@ -485,16 +520,45 @@ def _dice(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty
     return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), empty)
 
 
-def _mean_distance(iou: torch.Tensor, *, exclude_diagonal: bool) -> torch.Tensor:
-    """Mean of ``1 - IoU`` over the last two axes ``(B, k, k) -> (B,)``; NaN if no pair is left."""
-    dist = 1.0 - iou
-    k = dist.shape[-1]
-    if not exclude_diagonal:
-        return dist.mean(dim=(-2, -1))
-    if k < 2:
-        return torch.full(dist.shape[:-2], math.nan, dtype=dist.dtype, device=dist.device)
-    off = dist.sum(dim=(-2, -1)) - torch.diagonal(dist, dim1=-2, dim2=-1).sum(-1)
-    return off / (k * (k - 1))
+def _ged_terms(
+    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GED and its three expectations ``(B,)`` at the first ``n`` samples, for each ``n`` in ``ns``.
+
+    ``counts`` ``(B, N + m, N + m)`` are the counts of ``N`` samples then ``m`` readers. The IoU of every
+    pair is formed once, with 0 for two empty masks; each expectation is then a block sum of it plus
+    ``empty`` times the number of pairs of two empty masks in the block (the first ``n`` samples hold
+    ``e_n`` empty masks: ``e_n**2`` such sample pairs, ``e_n * e_y`` cross pairs). A non-empty mask has
+    IoU exactly 1 with itself, so without self-pairs (``unbiased``) the diagonal removes
+    ``e_n (1 - empty)`` from the summed distances.
+
+    Returns:
+        ``{n: (ged, cross, sample_div, reader_div)}``.
+    """
+    m = counts.shape[-1] - big_n
+    area = torch.diagonal(counts, dim1=-2, dim2=-1)
+    union = area[:, :, None] + area[:, None, :]
+    union.sub_(counts).clamp_(min=1.0)
+    iou = torch.div(counts, union, out=union)  # 0 where both masks are empty
+    blank = (area == 0).to(counts.dtype)
+    blank_s = torch.cumsum(blank[:, :big_n], dim=1)  # empty masks among the first n samples
+    blank_y = blank[:, big_n:].sum(dim=1)
+
+    def mean_distance(iou_sum: torch.Tensor, k: int, blanks: torch.Tensor) -> torch.Tensor:
+        if not unbiased:
+            return 1.0 - iou_sum / (k * k)
+        if k < 2:
+            return torch.full_like(iou_sum, math.nan)
+        return (k * k - iou_sum - blanks * (1.0 - empty)) / (k * (k - 1))
+
+    reader_div = mean_distance(iou[:, big_n:, big_n:].sum(dim=(1, 2)) + empty * blank_y**2, m, blank_y)
+    out = {}
+    for n in ns:
+        e = blank_s[:, n - 1]
+        cross = 1.0 - (iou[:, :n, big_n:].sum(dim=(1, 2)) + empty * e * blank_y) / (n * m)
+        sample_div = mean_distance(iou[:, :n, :n].sum(dim=(1, 2)) + empty * e * e, n, e)
+        out[n] = (2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +575,7 @@ def _in_groups(fn: Callable[[torch.Tensor, torch.Tensor], Any], pair: _Pair) -> 
     """
     bsz = pair.samples.shape[0]
     k = pair.samples.shape[1] + pair.gts.shape[1]
-    step = bsz if pair.samples.device.type == "cuda" else max(1, _GROUP_BYTES[False] // (k * k * 8))
+    step = bsz if pair.samples.device.type == "cuda" else max(1, _FORMULA_GROUP_BYTES // (k * k * 8))
     if step >= bsz:
         return fn(pair.samples, pair.gts)
     parts = [fn(pair.samples[i:i + step], pair.gts[i:i + step]) for i in range(0, bsz, step)]
@@ -525,14 +589,15 @@ def _in_groups(fn: Callable[[torch.Tensor, torch.Tensor], Any], pair: _Pair) -> 
 def _hungarian_mean(iou: torch.Tensor) -> torch.Tensor:
     """HM-IoU ``(B,)`` from IoU matrices ``(B, n, m)``: one SciPy assignment per image on the tiling."""
     values = iou.detach().cpu().numpy()
-    _, n, m = values.shape
+    bsz, n, m = values.shape
     size = n * m // math.gcd(n, m)
-    out = np.empty(values.shape[0], dtype=np.float64)
-    for b, mat in enumerate(values):
-        # Repeating sample i and reader j to lcm(n, m) members = tiling the n x m IoU matrix.
-        tiled = np.tile(mat, (size // n, size // m))
-        rows, cols = linear_sum_assignment(1.0 - tiled)
-        out[b] = tiled[rows, cols].mean()
+    # Repeating sample i and reader j to lcm(n, m) members = tiling the n x m IoU matrix.
+    tiled = np.tile(values, (1, size // n, size // m))
+    cost = 1.0 - tiled
+    cols = np.empty((bsz, size), dtype=np.intp)
+    for b in range(bsz):
+        cols[b] = linear_sum_assignment(cost[b])[1]  # rows: 0..size-1 in order (a square matrix)
+    out = np.take_along_axis(tiled, cols[:, :, None], axis=2)[:, :, 0].mean(axis=1)
     return torch.from_numpy(out).to(iou.device)
 
 
@@ -601,17 +666,15 @@ def pairwise_dice(a: Any, b: Any, *, empty_dice: float = 1.0) -> Any:
     """Dice coefficient of every mask of ``a`` with every mask of ``b``.
 
     ``Dice(a_i, b_j) = 2 |a_i & b_j| / (|a_i| + |b_j|)``, and ``empty_dice`` when both masks are empty.
+    Inputs, output and errors as in :func:`pairwise_iou`.
 
     Args:
-        a: Binary masks ``(..., n, H, W)`` (bool or 0/1), numpy or torch.
-        b: Binary masks ``(..., m, H, W)`` with the same leading dims, H and W.
+        a: Binary masks ``(..., n, H, W)``.
+        b: Binary masks ``(..., m, H, W)``.
         empty_dice: Dice of two empty masks (the field's convention is 1).
 
     Returns:
-        float64 ``(..., n, m)``: a numpy array for numpy input, a tensor on the input's device for torch.
-
-    Raises:
-        ValueError: On mismatched shapes or non-binary values.
+        float64 ``(..., n, m)`` Dice coefficients (numpy or torch, following the input).
 
     Example:
         >>> import torch
@@ -668,13 +731,7 @@ def ged(
     n = pair.samples.shape[1]
 
     def terms(s: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        counts = _gram([s, y])
-        area = torch.diagonal(counts, dim1=-2, dim2=-1)
-        iou = _iou(counts, area, area, empty)
-        cross = (1.0 - iou[:, :n, n:]).mean(dim=(-2, -1))
-        sample_div = _mean_distance(iou[:, :n, :n], exclude_diagonal=unbiased)
-        reader_div = _mean_distance(iou[:, n:, n:], exclude_diagonal=unbiased)
-        return 2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div
+        return _ged_terms(_gram([s, y]), n, (n,), empty, unbiased)[n]
 
     values = _in_groups(terms, pair)
     return tuple(pair.out(v) for v in values) if return_terms else pair.out(values[0])
@@ -701,8 +758,8 @@ def hm_iou(samples: Any, gts: Any, *, empty_iou: float = 1.0) -> Any:
         ValueError: On mismatched shapes, empty sets or non-binary values.
 
     Example:
-        >>> import numpy as np
-        >>> y = np.zeros((2, 4, 4), dtype=bool); y[0, :2] = True; y[1, :, :2] = True
+        >>> from numpy import zeros
+        >>> y = zeros((2, 4, 4), dtype=bool); y[0, :2] = True; y[1, :, :2] = True
         >>> hm_iou(y, y)
         1.0
         >>> round(hm_iou(y[:1], y), 4)   # L = 2: the one sample is matched to both readers
@@ -812,23 +869,18 @@ def table_metrics(
         counts = _gram([s, y])  # (B, N+m, N+m)
         area = torch.diagonal(counts, dim1=-2, dim2=-1)
         area_s, area_y = area[:, :big_n], area[:, big_n:]
-        iou_ss = _iou(counts[:, :big_n, :big_n], area_s, area_s, empty_i)
-        iou_sy = _iou(counts[:, :big_n, big_n:], area_s, area_y, empty_i)
-        iou_yy = _iou(counts[:, big_n:, big_n:], area_y, area_y, empty_i)
         out: dict[str, torch.Tensor] = {}
-        reader_div = _mean_distance(iou_yy, exclude_diagonal=unbiased)
-        sample_div = None
+        terms = _ged_terms(counts, big_n, kept, empty_i, unbiased)
         for n in kept:
-            cross = (1.0 - iou_sy[:, :n]).mean(dim=(-2, -1))
-            sample_div = _mean_distance(iou_ss[:, :n, :n], exclude_diagonal=unbiased)
-            out[f"GED_{n}"] = 2.0 * cross - sample_div - reader_div
+            out[f"GED_{n}"] = terms[n][0]
         if hm_n is not None and hm_n <= big_n:
-            out[f"HMIoU_{hm_n}"] = _hungarian_mean(iou_sy[:, :hm_n])
+            iou = _iou(counts[:, :hm_n, big_n:], area_s[:, :hm_n], area_y, empty_i)
+            out[f"HMIoU_{hm_n}"] = _hungarian_mean(iou)
         if mdm_n is not None and mdm_n <= big_n:
             dice = _dice(counts[:, :mdm_n, big_n:], area_s[:, :mdm_n], area_y, empty_d)
             out[f"MDM_{mdm_n}"] = _mdm_from_dice(dice)
         if kept:
-            out[f"diversity_{kept[-1]}"] = sample_div
+            out[f"diversity_{kept[-1]}"] = terms[kept[-1]][2]
         return out
 
     return _in_groups(columns, pair)

@@ -383,6 +383,17 @@ def test_non_contiguous_inputs():
     assert np.allclose(ged(ts, ty).numpy(), ged(s.transpose(0, 1, 3, 2), y.transpose(0, 1, 3, 2)))
 
 
+def test_empty_batch_and_empty_images():
+    """A batch of no images gives empty results; images of no pixels count as all-empty masks."""
+    s, y = torch.zeros(0, 5, 8, 8, dtype=torch.bool), torch.zeros(0, 2, 8, 8, dtype=torch.bool)
+    for fn in (ged, hm_iou, mdm):
+        assert fn(s, y).shape == (0,)
+    assert all(v.shape == (0,) for v in table_metrics(s, y, ns=(5,), hm_n=5, mdm_n=5).values())
+    s, y = torch.zeros(2, 5, 0, 8, dtype=torch.bool), torch.zeros(2, 2, 0, 8, dtype=torch.bool)
+    assert ged(s, y).tolist() == [0.0, 0.0] and hm_iou(s, y).tolist() == [1.0, 1.0]
+    assert mdm(s, y, empty_dice=0.0).tolist() == [0.0, 0.0]
+
+
 def test_read_only_arrays_without_warning():
     s, y = random_sets(18, 5, 3, 6, 6, 0.4, 0.25)
     s.flags.writeable = False
@@ -415,7 +426,7 @@ def test_unbiased_needs_two_members():
 @pytest.mark.parametrize("amx", [True, False])
 def test_float64_count_path_and_groups(monkeypatch, amx):
     """Force the float64 sums (used beyond 2**24 pixels), one image per group and either product dtype
-    (bfloat16 chunks as on AMX CPUs, float32 elsewhere): the same numbers."""
+    (one int8 product per image as on AMX CPUs, float32 chunks elsewhere): the same numbers."""
     s, y = random_sets(17, 10, 4, 12, 12, 0.3, 0.25, batch=5)
     ts, ty = torch.from_numpy(s), torch.from_numpy(y)
     want = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
@@ -423,6 +434,7 @@ def test_float64_count_path_and_groups(monkeypatch, amx):
     monkeypatch.setattr(metrics, "_HAS_AMX", amx)
     monkeypatch.setattr(metrics, "_FLOAT32_EXACT_PIXELS", 10)
     monkeypatch.setattr(metrics, "_GROUP_BYTES", {False: 1, True: 1})
+    monkeypatch.setattr(metrics, "_FORMULA_GROUP_BYTES", 1)
     assert metrics._matmul_dtype(144) == torch.float64
     got = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
     for key in want:
@@ -433,7 +445,8 @@ def test_float64_count_path_and_groups(monkeypatch, amx):
 @pytest.mark.parametrize("amx, numpy_copies", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("hw", [(5, 100), (40, 300), (3, 257), (64, 17), (1, 1), (200, 3)])
 def test_counts_on_windows_are_exact(monkeypatch, amx, numpy_copies, hw):
-    """The counts come from each image's window of set pixels, in chunks of whole rows of <= 256 pixels:
+    """The counts come from each image's window of set pixels: one int8 product per image (AMX CPUs; a
+    one-pixel window is padded to two columns) or chunks of whole rows of <= 256 pixels (elsewhere):
     windows wider than a chunk (counted whole), images too short for whole-row chunks (the last chunk
     takes the rest), one-pixel and very tall windows give the integer counts of a plain loop; with numpy's
     copies (CPU) and with torch's (the CUDA code path)."""
