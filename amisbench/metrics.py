@@ -66,7 +66,20 @@ _INT32_EXACT_PIXELS = 2**31 - 1
 # Pixels per chunk of a window in the batched float32 product (CUDA, CPUs without AMX).
 _CHUNK_PIXELS = 2**8
 # AMX tiles: int8 products with int32 sums, about ten times faster than float32 ones on such a CPU.
-_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+def _int8_products_work() -> bool:
+    """AMX tiles and a CPU ``torch._int_mm`` (a private torch function) that gives exact counts on a probe;
+    anything else (an older torch, another build) keeps the float32 path."""
+    if not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return False
+    try:
+        x = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]] * 16, dtype=torch.int8)  # 32 x 4
+        got = torch._int_mm(x, x.T)
+        return bool(torch.equal(got, (x.int() @ x.int().T)))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+_HAS_AMX = _int8_products_work()
 # CPU: copy windows and OR masks with numpy (tests switch it off to run the CUDA code path on CPU).
 _NUMPY_COPIES = True
 # Bytes of window chunks counted per product (CPU: about the L2 cache; CUDA: large batches).
