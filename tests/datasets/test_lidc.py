@@ -462,7 +462,7 @@ def test_cli_prepare_exit_codes(tmp_path, capsys):
 # the real crops (../shared/data/real/lidc/knegt_pickle_subset): pickle -> prepare -> load -> run
 # ----------------------------------------------------------------------------------------------------
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "lidc" / "knegt_pickle_subset"
+REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "lidc" / "knegt_pickle_subset"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from amisbench.methods.atfm.gtr import GTR, release_backbone
 from amisbench.methods.atfm.st_net import STNetConfig
 from amisbench.nn import UNetConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(**kw) -> ATFMConfig:
