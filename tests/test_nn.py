@@ -1,3 +1,5 @@
+
+
 import math
 
 import pytest
@@ -89,3 +91,31 @@ def test_head_builds_a_positive_diagonal():
     dist = head(torch.randn(2, 4, 6, 6))
     assert dist.mean.shape == (2, 36) and dist.cov_factor.shape == (2, 36, 3)
     assert (dist.cov_diag > 0).all()
+
+
+def test_openai_attention_is_the_legacy_qkv_order():
+    """QKVAttentionLegacy: qkv (B, H*3*C, T) is split per head into [q, k, v]; softmax(q^T k / sqrt(C)) v."""
+    from amisbench.nn.openai_unet import AttentionBlock
+
+    torch.manual_seed(0)
+    blk = AttentionBlock(8, heads=2, groups=4)
+    torch.nn.init.normal_(blk.proj_out.weight)
+    x = torch.randn(3, 8, 4, 4)
+    flat = x.reshape(3, 8, 16)
+    qkv = blk.qkv(blk.norm(flat))
+    q, k, v = qkv.reshape(3 * 2, 12, 16).split(4, dim=1)
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / 2.0, dim=-1)  # sqrt(C) = sqrt(4)
+    h = torch.einsum("bts,bcs->bct", w, v).reshape(3, 8, 16)
+    expected = (flat + blk.proj_out(h)).reshape(3, 8, 4, 4)
+    assert torch.allclose(blk(x), expected, atol=1e-5)
+
+
+def test_openai_unet_output_starts_at_zero_and_keeps_the_size():
+    from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
+
+    net = OpenAIUNet(3, 2, OpenAIUNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                             attention_resolutions=(2,), num_head_channels=8, groups=4))
+    out = net(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 5.0]))
+    assert out.shape == (2, 2, 16, 16) and torch.count_nonzero(out) == 0  # zero-initialised output conv
+    with pytest.raises(ValueError, match="not divisible"):
+        net(torch.randn(1, 3, 15, 15), torch.tensor([1.0]))
