@@ -15,7 +15,7 @@ What differs from the release, on purpose:
   "no mask" dense embedding (perturbed per sample by P2SAM). Their checkpoint entries are skipped by name.
 
 Shapes follow the release: the encoder works channels-last (B,H,W,C) inside and returns (B,256,h,w).
-Equivalence with the release on shared random weights is tested in ``tests/test_p2sam.py``.
+Equivalence with the release on shared random weights is tested in ``tests/methods/test_p2sam.py``.
 """
 
 from __future__ import annotations

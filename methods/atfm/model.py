@@ -355,7 +355,7 @@ class ATFM(Method):
         at a time, each with its own ``steps`` ST-Net evaluations on a batch of one.
 
         Same distribution as :meth:`sample`, different random stream; kept to measure the batched sampler
-        against (``tests/test_atfm_benchmark.py``). Returns bool (B,n,H,W).
+        against (``tests/methods/test_atfm_benchmark.py``). Returns bool (B,n,H,W).
         """
         b, _, h, w = images.shape
         out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)

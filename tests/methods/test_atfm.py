@@ -1,9 +1,13 @@
 """ATFM: GTR's low-rank Gaussian and L_Prior, the SFM flow maths and L_SF, the batched sampler, the
-frozen-GTR stage logic, the Table 4 variants and a short learning test on ``synthetic``."""
+frozen-GTR stage logic, the Table 4 variants and a short learning test on ``synthetic``; the release's layouts,
+outputs and checkpoint files; the sampler's speed switches (same samples). The speed benchmark of the sampler:
+test_atfm_benchmark.py."""
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,10 +17,13 @@ import yaml
 from amisbench.api import DataSpec
 from amisbench.config import PROFILES, RunConfig, StageConfig, apply_layer, resolve
 from amisbench.errors import UserError
-from amisbench.methods.atfm import ATFM, ATFMConfig, sfm
+from amisbench.methods.atfm import ATFM, ATFMConfig, release, sfm
 from amisbench.methods.atfm.gtr import GTR, release_backbone
-from amisbench.methods.atfm.st_net import STNetConfig
+from amisbench.methods.atfm.model import RELEASE_WEIGHTS_LABEL
+from amisbench.methods.atfm.st_net import STNet, STNetConfig
 from amisbench.nn import UNetConfig
+from amisbench.registry import DATASETS, METHODS
+from amisbench.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -463,3 +470,301 @@ def test_atfm_beats_its_own_thresholded_gtr(tmp_path):
     act = evaluate(model, ds, res.cfg.eval, seed=0, device=torch.device("cpu"), out_dir=out)
     print(f"\nGED_true_100: ATFM {atfm['GED_true_100']:.4f}, Act. GTR {act['GED_true_100']:.4f}")
     assert atfm["GED_true_100"] < act["GED_true_100"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ATFM against its release: the state_dict layouts of ``../shared/reference/atfm_release/shapes.json`` load strictly,
+# the release's reference outputs are reproduced, and a run starts from release-format checkpoint files
+# (``method.init_gtr`` / ``method.init_sfm``) and evaluates end to end, labelled leaky.
+# ---------------------------------------------------------------------------------------------------
+
+REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "atfm_release"
+
+
+def ref(name: str):
+    if not (REF / name).is_file():
+        pytest.skip("../shared/reference/atfm_release is not available")
+    return REF / name
+
+
+@pytest.fixture(scope="module")
+def shapes() -> dict:
+    return json.loads(ref("shapes.json").read_text())
+
+
+def random_state(layout: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v, generator=g) for k, v in layout.items()}
+
+
+@pytest.mark.parametrize("key, build", [("st_net_dim128", release.st_net_from_release),
+                                        ("st_net_dim256", release.st_net_from_release),
+                                        ("gtr_in1", release.gtr_from_release),
+                                        ("gtr_in3", release.gtr_from_release)])
+def test_release_layouts_load_strictly(shapes, key, build):
+    state = random_state(shapes[key])
+    net = build(state)
+    assert sum(p.numel() for p in net.parameters()) == shapes[f"{key}_params"]
+    # every tensor arrived where the key map says (strict: same keys, same shapes, same values)
+    back = release.st_net_to_release(net) if key.startswith("st_net") else release.gtr_to_release(net)
+    assert set(back) == set(state)
+    for k in list(state)[:: max(1, len(state) // 25)]:
+        assert torch.equal(back[k], state[k]), k
+    del state, back, net
+
+
+def test_a_wrong_layout_is_refused(shapes):
+    state = random_state(shapes["gtr_in1"])
+    bad = dict(state)
+    bad.pop("cov_factor_l.bias")
+    with pytest.raises(ValueError, match="missing cov_factor_l.bias"):
+        release.gtr_from_release(bad)
+    bad = dict(state, **{"unet.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected unet.extra.weight"):
+        release.gtr_from_release(bad)
+    net = STNet(1, STNetConfig(dim=16, heads=2, head_dim=4))
+    sd = release.st_net_to_release(net)
+    sd["final_conv.weight"] = torch.zeros(2, 16, 1, 1)
+    with pytest.raises(ValueError, match=r"final_conv.weight has shape \(2, 16, 1, 1\)"):
+        release.load_st_net(net, sd)
+
+
+def test_st_net_reproduces_the_release():
+    r = torch.load(ref("st_net_dim32.pt"), weights_only=True)
+    net = release.st_net_from_release(r["state_dict"])
+    assert net.dim == 32 and net.cond_channels == 1
+    with torch.no_grad():
+        v = net(r["x_t"], r["t"], r["cond"])
+    assert v.shape == r["v"].shape
+    torch.testing.assert_close(v, r["v"], rtol=0, atol=1e-5)
+    with torch.no_grad():  # and the output depends on t as the release feeds it (t not rescaled)
+        assert not torch.allclose(net(r["x_t"], r["t"] * 1000, r["cond"]), r["v"], atol=1e-3)
+
+
+def test_gtr_reproduces_the_release():
+    r = torch.load(ref("gtr.pt"), weights_only=True)
+    gtr = release.gtr_from_release(r["state_dict"])
+    with torch.no_grad():
+        mean, cov_diag, cov_factor = gtr.gaussian(r["image"])
+    b, _, h, w = r["image"].shape
+    assert mean.shape == (b, h * w) and cov_diag.shape == (b, h * w) and cov_factor.shape == (b, h * w, 10)
+    for ours, theirs in ((mean, r["mean"]), (cov_diag, r["cov_diag"]), (cov_factor, r["cov_factor"])):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_round_trip_through_the_release_names():
+    torch.manual_seed(0)
+    net = STNet(3, STNetConfig(dim=16, mults=(1, 2), heads=2, head_dim=8))
+    back = release.st_net_from_release(release.st_net_to_release(net), heads=2)
+    x, t, c = torch.rand(2, 1, 16, 16), torch.rand(2), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, c), net.eval()(x, t, c), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# release checkpoint files -> a run
+# ---------------------------------------------------------------------------------------------------
+
+def smoke_model(sets=()) -> ATFM:
+    res = resolve("atfm", "synthetic", "smoke", None, list(sets))
+    from amisbench.registry import DATASETS
+
+    spec = DATASETS.get("synthetic")(res.cfg.dataset, "test").spec
+    return ATFM(res.cfg.method, spec)
+
+
+def write_release_files(tmp_path: Path) -> tuple[Path, Path, ATFM]:
+    """Random weights of the smoke networks, saved as the release saves them (train_GTR.py, train_prior_*.py)."""
+    torch.manual_seed(3)
+    m = smoke_model()
+    gtr_file, sfm_file = tmp_path / "GTR_LIDC.pt", tmp_path / "SFM-for-ATFM-LIDC.pth"
+    torch.save({"epoch": 1, "model_state_dict": release.gtr_to_release(m.gtr), "optimizer_state_dict": {},
+                "loss": torch.tensor(0.5)}, gtr_file)
+    torch.save({"epoch": 1, "model_state_dict": release.st_net_to_release(m.st_net),
+                "optimizer_state_dict": {}, "loss": torch.tensor(0.1)}, sfm_file)
+    return gtr_file, sfm_file, m
+
+
+def test_a_run_from_release_checkpoints_evaluates_end_to_end(tmp_path):
+    from amisbench.runner import run
+    from amisbench.store import load_torch
+
+    gtr_file, sfm_file, m = write_release_files(tmp_path)
+    sets = [f"method.init_gtr={gtr_file}", f"method.init_sfm={sfm_file}", "train.gtr.steps=0",
+            "train.sfm.steps=0"]
+    folder = run("atfm", "synthetic", profile="smoke", sets=sets, results=tmp_path / "res", quiet=True)
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "done" and RELEASE_WEIGHTS_LABEL in info["protocol_label"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["n_images"] > 0 and 0 <= metrics["GED_100"] <= 2
+    state = load_torch(folder / "ckpt" / "last.pt")["model"]
+    for k, v in m.state_dict().items():  # the evaluated model holds the files' weights
+        assert torch.equal(state[k], v), k
+
+
+def test_release_files_are_checked(tmp_path):
+    gtr_file, sfm_file, _ = write_release_files(tmp_path)
+    # the GTR file given as the ST-Net
+    with pytest.raises(UserError, match=rf"method.init_sfm {gtr_file}: ST-Net: the state_dict does not have"):
+        smoke_model([f"method.init_sfm={gtr_file}"])
+    # a paper-scale network cannot take the smoke weights
+    with pytest.raises(UserError, match=r"method.init_gtr .*GTR_LIDC.pt: GTR: .* has shape"):
+        smoke_model([f"method.init_gtr={gtr_file}", "method.gtr.widths=[16,32]"])
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(UserError, match=rf"method.init_gtr {missing}: no such file"):
+        smoke_model([f"method.init_gtr={missing}"])
+    plain = tmp_path / "plain.pt"
+    torch.save(release.gtr_to_release(smoke_model().gtr), plain)  # a bare state_dict, not the release format
+    with pytest.raises(UserError, match=rf"{plain}: expected a dict with 'model_state_dict'"):
+        smoke_model([f"method.init_gtr={plain}"])
+    unsafe = tmp_path / "unsafe.pt"
+    unsafe.write_bytes(pickle.dumps({"model_state_dict": Path("x")}, protocol=2))
+    with pytest.raises(UserError, match=rf"{unsafe}: not a checkpoint that loads with torch.load\(weights_only"):
+        smoke_model([f"method.init_gtr={unsafe}"])
+    assert smoke_model().weights_label == ""
+    assert smoke_model([f"method.init_gtr={gtr_file}"]).weights_label == RELEASE_WEIGHTS_LABEL
+
+
+def test_paper_counts_match_the_release(shapes):
+    """The paper profile builds exactly the release's networks (LIDC 128 px; ST-Net from the layout)."""
+    res = resolve("atfm", "lidc", "paper")
+    m = ATFM(res.cfg.method, DataSpec(channels=1, height=128, width=128, readers=4, name="lidc"))
+    assert sum(p.numel() for p in m.gtr.parameters()) == shapes["gtr_in1_params"]
+    assert sum(p.numel() for p in m.st_net.parameters()) == shapes["st_net_dim128_params"]
+    assert {release.st_net_release_key(k) for k in m.st_net.state_dict()} == set(shapes["st_net_dim128"])
+    assert {release.gtr_release_key(k) for k in m.gtr.state_dict()} == set(shapes["gtr_in1"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# ATFM's speed switches change the speed, not the samples (issue 16, "Sampling at paper scale").
+# On a briefly trained smoke model (CPU, float32): the chunk size (``method.sample_chunk``, ``auto`` included) gives
+# bit-equal masks; ``method.attention: sdpa`` and ``torch.compile`` (``eval.compile``) give ST-Net velocities within
+# 1e-5 of the plain path; bf16 autocast (``eval.amp``) gives the same masks for >= 99.9 % of the pixels. CUDA graphs
+# (``method.cuda_graphs``) are checked on a GPU by ``scripts/device_check_speed.sh``; here only that they are a no-op
+# with a note off CUDA.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained():
+    """The smoke ATFM on synthetic images, GTR and SFM trained for a few dozen Adam steps each."""
+    res = resolve("atfm", "synthetic", "smoke")
+    train = DATASETS.get("synthetic")(res.cfg.dataset, "train")
+    test = DATASETS.get("synthetic")(res.cfg.dataset, "test")
+    torch.manual_seed(derive_seed("init", 0))
+    model = METHODS.get("atfm")(res.cfg.method, train.spec)
+    g = torch.Generator().manual_seed(0)
+    for stage, steps in (("gtr", 30), ("sfm", 60)):
+        model.on_stage_start(stage)
+        model.train()
+        opt = torch.optim.Adam(model.trainable(stage), lr=2e-3)
+        for _ in range(steps):
+            idx = torch.randint(len(train), (4,), generator=g).tolist()
+            images = torch.stack([train[i]["image"] for i in idx])
+            masks = torch.stack([train[i]["masks"] for i in idx]).float()
+            loss, _ = model.loss(stage, images, masks)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    images = torch.stack([test[i]["image"] for i in range(3)])
+    return model, images
+
+
+def _velocity_inputs(model, images, n=6):
+    g = torch.Generator().manual_seed(7)
+    b, _, h, w = images.shape
+    x = torch.rand((b * n, 1, h, w), generator=g)
+    t = torch.rand((b * n,), generator=g)
+    return x, t, images.repeat_interleave(n, dim=0)
+
+
+def test_chunking_is_bit_equal_in_float32(trained):
+    model, images = trained
+    outs = {}
+    for attention in ("sdpa", "einsum"):
+        model.st_net.mid_attn.attend = _attention(attention)
+        for chunk in (0, 1, 7, 10, "auto"):  # 7 cuts across the 10 samples of an image
+            model.cfg.sample_chunk = chunk
+            outs[attention, chunk] = model.sample(images, 10, generator=torch.Generator().manual_seed(3))
+    model.cfg.sample_chunk = "auto"
+    model.st_net.mid_attn.attend = _attention("sdpa")
+    for attention in ("sdpa", "einsum"):
+        ref = outs[attention, 0]
+        assert ref.dtype == torch.bool and ref.shape == (3, 10, *images.shape[-2:])
+        assert 0.01 < ref.float().mean() < 0.99  # the trained flow draws masks, not blank images
+        for chunk in (1, 7, 10, "auto"):
+            assert torch.equal(outs[attention, chunk], ref), (attention, chunk)
+    assert model.chunk_size(30, images, images) == 30  # auto off CUDA: 256 at most, no more than there are
+
+
+def _attention(name):
+    from amisbench.methods.atfm.st_net import ATTENTION
+
+    return ATTENTION[name]
+
+
+def test_sdpa_velocities_match_the_written_out_attention(trained):
+    model, images = trained
+    x, t, cond = _velocity_inputs(model, images)
+    net = model.st_net
+    assert model.cfg.attention == "sdpa" and net.mid_attn.attend is torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        fused = net(x, t, cond)
+        net.mid_attn.attend = _attention("einsum")
+        try:
+            plain = net(x, t, cond)
+        finally:
+            net.mid_attn.attend = _attention("sdpa")
+    assert plain.abs().max() > 0.1  # a trained network: velocities of size, not zeros
+    assert (fused - plain).abs().max() < 1e-5
+    # and the switch builds the written-out path
+    from amisbench.methods.atfm.st_net import STNet
+
+    assert STNet(1, model.cfg.st_net, dim=net.dim, attention="einsum").mid_attn.attend is _attention("einsum")
+    with pytest.raises(ValueError, match="attention must be one of einsum, sdpa"):
+        STNet(1, model.cfg.st_net, dim=net.dim, attention="flash")
+
+
+def test_compiled_velocities_match_eager(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a private cache
+    import torch._dynamo
+
+    model, images = trained
+    x, t, cond = _velocity_inputs(model, images)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model.st_net)
+        with torch.no_grad():
+            eager = model.st_net(x, t, cond)
+            comp = compiled(x, t, cond)
+    finally:
+        torch._dynamo.reset()
+    assert (comp - eager).abs().max() < 1e-5
+
+
+def test_bf16_autocast_gives_the_same_masks_for_999_permille(trained):
+    model, images = trained
+    model.cfg.sample_chunk = "auto"
+    ref = model.sample(images, 20, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.sample(images, 20, generator=torch.Generator().manual_seed(5))
+    agree = float((low == ref).float().mean())
+    print(f"\nbf16 autocast: {agree:.5%} of the pixels equal to float32")
+    assert agree >= 0.999
+
+
+def test_cuda_graphs_are_a_no_op_with_a_note_off_cuda(trained, capsys):
+    from amisbench.methods.atfm import model as atfm_model
+
+    model, images = trained
+    ref = model.sample(images, 4, generator=torch.Generator().manual_seed(9))
+    atfm_model._NOTED.discard("cpu")
+    model.cfg.cuda_graphs = True
+    try:
+        out = model.sample(images, 4, generator=torch.Generator().manual_seed(9))
+        model.sample(images, 4, generator=torch.Generator().manual_seed(9))
+    finally:
+        model.cfg.cuda_graphs = False
+    assert torch.equal(out, ref)
+    err = capsys.readouterr().err
+    assert err.count("method.cuda_graphs has no effect on cpu") == 1  # one line, once per device

@@ -7,13 +7,13 @@ GTR pass per image, each sample with its own Euler steps, as the released code's
 
 Run the full benchmark with::
 
-    python -m pytest tests/test_atfm_benchmark.py --benchmark-only -s
+    python -m pytest tests/methods/test_atfm_benchmark.py --benchmark-only -s
 
 The speed-up is printed (``-s``) and stored as ``extra_info`` (``--benchmark-json``). Without
 ``--benchmark-only`` (an ordinary test run) the problem shrinks to 2 images x 10 samples so the suite
 stays quick; ``AMISBENCH_BENCH_THREADS`` sets the torch threads (default: torch's). Nothing here asserts on
 wall-clock time: the tests assert the shapes and types of both samplers and the reproducibility of
-the batched one (the loop's is tested in tests/test_atfm.py).
+the batched one (the loop's is tested in tests/methods/test_atfm.py).
 """
 
 from __future__ import annotations
