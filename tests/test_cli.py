@@ -68,6 +68,7 @@ def test_a_broken_plugin_is_one_warning_line_and_the_others_list_and_run(monkeyp
         METHODS.names()
 
 
+@pytest.mark.slow
 def test_every_command_exits_quietly_on_a_closed_pipe(tmp_path):
     for args in (["grid", "--method", "ssn", "--dataset", "synthetic", "--seeds", "3", "--profile", "smoke",
                   "--results", str(tmp_path)], ["methods"]):

@@ -11,6 +11,7 @@ from amisbench.config import resolve
 from amisbench.registry import DATASETS, METHODS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, targets", [("atfm", ["st_net"]),
                                            ("p2sam", ["sam.image_encoder", "sam.mask_decoder", "prior", "fcomb"])])
 def test_compiled_sampling_matches_eager(name, targets):

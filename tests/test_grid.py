@@ -125,6 +125,7 @@ def test_grid_task_reads_one_checked_job(tmp_path, monkeypatch, capsys):
     assert ran == [("unet", 7)]
 
 
+@pytest.mark.slow
 def test_slurm_injection_through_a_grid_value_runs_nothing(tmp_path, capsys):
     """A grid value holding a newline once became its own line of jobs.txt and ran as a shell command."""
     marker = tmp_path / "pwned"
@@ -176,6 +177,7 @@ def _tiny_site(tmp_path: Path) -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_local_grid_killed_and_rerun_skips_finished_and_resumes(tmp_path, capsys):
     """A 2-method x 2-seed smoke grid with 2 workers; killed (whole process group) after the first run
     finished; the same command again skips the finished runs and completes the rest."""

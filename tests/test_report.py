@@ -147,6 +147,7 @@ def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_page_renders_in_headless_chromium(show_reference, tmp_path):
     browser = _browser()
     mine, _ = show_reference

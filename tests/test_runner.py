@@ -72,6 +72,7 @@ def _cmd(results: Path) -> list[str]:
             "--set", "train.main.ckpt_every=20"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_resumes_to_the_same_metrics(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     straight = tmp_path / "straight"
@@ -118,6 +119,7 @@ def test_usage_errors_one_line_exit_2_nothing_written(tmp_path, capsys, argv, me
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 def test_usage_error_from_the_console_script_has_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-P", "-m", "amisbench.cli", "run", "--method", "nope", "--dataset",
                           "synthetic", "--results", str(tmp_path)], capture_output=True, text=True)

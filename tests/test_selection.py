@@ -38,6 +38,7 @@ class Killed(BaseException):
     pass
 
 
+@pytest.mark.slow
 def test_kill_between_best_save_and_next_log_resumes_to_the_same_selection(tmp_path, monkeypatch):
     ref = run("ssn", "synthetic", profile="smoke", sets=SELECT, results=tmp_path / "ref", quiet=True)
     info = json.loads((ref / "run.json").read_text())

@@ -121,6 +121,7 @@ def test_trained_run_and_clear_errors(tmp_path):
                            sets=["method.rank=2"])
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_the_ratio_note(tmp_path, capsys, slowfake):
     rc = cli.main(["timing", "--method", "ssn,slowfake", "--dataset", "synthetic", "--profile", "smoke",
                    "--untrained", "--images", "2", "--samples", "5", "--results", str(tmp_path)])
@@ -135,6 +136,7 @@ def test_cli_prints_the_table_and_the_ratio_note(tmp_path, capsys, slowfake):
     assert "expected samples >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_release_loop_times_both_samplers_in_one_command(tmp_path, capsys, monkeypatch):
     """ATFM's release loop is its `sampler: release_loop`; the ratio and Table 3's seconds are printed, and
     only our sampler's record is written."""
@@ -186,6 +188,7 @@ def test_train_steps_per_second_of_every_stage(capsys):
 # `amisbench timing` on CPU: the peak memory of each method is its own (one process per method).
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cpu_peak_memory_is_per_method(tmp_path, capsys):
     assert cli.main(["timing", "--method", "ssn,unet", "--dataset", "synthetic", "--profile", "smoke", "--untrained",
                      "--samples", "2", "--images", "1", "--warmup", "0", "--results", str(tmp_path)]) == 0

@@ -678,6 +678,7 @@ def _velocity_inputs(model, images, n=6):
     return x, t, images.repeat_interleave(n, dim=0)
 
 
+@pytest.mark.slow
 def test_chunking_is_bit_equal_in_float32(trained):
     model, images = trained
     outs = {}
@@ -703,6 +704,7 @@ def _attention(name):
     return ATTENTION[name]
 
 
+@pytest.mark.slow
 def test_sdpa_velocities_match_the_written_out_attention(trained):
     model, images = trained
     x, t, cond = _velocity_inputs(model, images)
@@ -725,6 +727,7 @@ def test_sdpa_velocities_match_the_written_out_attention(trained):
         STNet(1, model.cfg.st_net, dim=net.dim, attention="flash")
 
 
+@pytest.mark.slow
 def test_compiled_velocities_match_eager(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a private cache
     import torch._dynamo
@@ -742,6 +745,7 @@ def test_compiled_velocities_match_eager(trained, tmp_path, monkeypatch):
     assert (comp - eager).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_autocast_gives_the_same_masks_for_999_permille(trained):
     model, images = trained
     model.cfg.sample_chunk = "auto"
@@ -753,6 +757,7 @@ def test_bf16_autocast_gives_the_same_masks_for_999_permille(trained):
     assert agree >= 0.999
 
 
+@pytest.mark.slow
 def test_cuda_graphs_are_a_no_op_with_a_note_off_cuda(trained, capsys):
     from amisbench.methods.atfm import model as atfm_model
 

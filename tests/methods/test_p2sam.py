@@ -243,6 +243,7 @@ def test_samples_follow_the_prior_and_ignore_chunking():
     assert model.nfe(100) == 101
 
 
+@pytest.mark.slow
 def test_paper_profile_without_weights_is_a_usage_error(tmp_path):
     res = resolve("p2sam", "synthetic", "paper")
     ds_spec = DATASETS.get("synthetic")(res.cfg.dataset, "test").spec
@@ -255,6 +256,7 @@ def test_paper_profile_without_weights_is_a_usage_error(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_p2sam_runs_from_a_user_checkpoint(tmp_path):
     """The paper path end to end on a tiny official-format checkpoint: load, train both stages, evaluate."""
     ref = _official_sam(64)

@@ -175,6 +175,7 @@ def test_a_manifest_cannot_switch_the_checksums_off(prepared, tmp_path, capsys, 
 # kill -9 during prepare
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_during_prepare_leaves_a_partial_folder_that_the_next_prepare_removes(tmp_path):
     src = tmp_path / "png"
     F.write_png_tree(src, patients={"train": [f"P{i}" for i in range(16)], "val": ["V1"], "test": ["T1"]},
