@@ -28,6 +28,7 @@ def test_compiled_sampling_matches_eager(name, targets):
     assert compiled.shape == eager.shape and (compiled != eager).float().mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_timing_compiles_before_the_warm_up(tmp_path):
     from amisbench import timing
     from amisbench.errors import UserError

@@ -59,6 +59,7 @@ def _png(path):
     return mpimg.imread(path)
 
 
+@pytest.mark.slow
 def test_samples_grid_images_readers_and_k_samples_per_method(runs):
     fig = figures.samples_figure(runs, "synthetic", ["ssn", "stepsfake"], images=[3, 0], k=3)
     png, pdf, png1, pdf1 = fig.paths
@@ -99,6 +100,7 @@ def test_most_ambiguous_images_are_picked():
     assert figures.reader_disagreement(same) == 0.0
 
 
+@pytest.mark.slow
 def test_steps_curve_reevaluates_the_checkpoint_at_each_setting(runs, monkeypatch):
     fig = figures.steps_figure(runs, "synthetic", method="stepsfake", values=[1, 10], eval_images=3, samples=20)
     df = fig.data
@@ -158,6 +160,7 @@ def test_figures_all_writes_what_it_can_and_says_what_it_skipped(runs, tmp_path,
     assert "no figure written" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_alpha_curve_from_runs_that_differ_in_alpha(tmp_path, capsys):
     _alpha_run(tmp_path, 0.001, 0, 0.20, 0.60)
     with pytest.raises(UserError, match=r"at least two values of method.alpha \(found: 0.001\).*--sweep"):

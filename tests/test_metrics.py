@@ -251,6 +251,7 @@ set_sizes = st.tuples(st.integers(1, 12), st.integers(1, 6)) | st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     sizes=set_sizes,

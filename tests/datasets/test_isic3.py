@@ -201,6 +201,7 @@ def test_cli_prepare_isic_exit_code(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_isic_smoke_run(tmp_path):
     from amisbench import runner
     import json

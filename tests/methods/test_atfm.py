@@ -585,6 +585,7 @@ def write_release_files(tmp_path: Path) -> tuple[Path, Path, ATFM]:
     return gtr_file, sfm_file, m
 
 
+@pytest.mark.slow
 def test_a_run_from_release_checkpoints_evaluates_end_to_end(tmp_path):
     from amisbench.runner import run
     from amisbench.store import load_torch

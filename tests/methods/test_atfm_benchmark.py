@@ -77,6 +77,7 @@ def _bench(benchmark, setup, sampler: str, rounds: int, warmup: int):
     return out, run, None if stats is None else float(stats.stats.min)
 
 
+@pytest.mark.slow
 @pytest.mark.benchmark(group="atfm-sampling")
 def test_bench_sample_batched(benchmark, setup):
     out, run, s = _bench(benchmark, setup, "sample", rounds=3, warmup=1)
@@ -85,6 +86,7 @@ def test_bench_sample_batched(benchmark, setup):
         _TIMES["batched"] = s
 
 
+@pytest.mark.slow
 @pytest.mark.benchmark(group="atfm-sampling")
 def test_bench_sample_release_loop(benchmark, setup):
     model, images, n = setup

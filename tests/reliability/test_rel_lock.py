@@ -39,6 +39,7 @@ def test_a_held_folder_refuses_a_second_run_naming_the_holder(tmp_path, capsys):
     assert snapshot(res) == {}  # the lock file and the folders made for it are gone after release
 
 
+@pytest.mark.slow
 def test_two_processes_one_folder_the_second_exits_2_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     res = tmp_path / "res"
     folder = res / RUN_FOLDER
