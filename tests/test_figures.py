@@ -132,6 +132,7 @@ def _alpha_run(root, alpha, seed, g100, hm):
                                             "dataset": "synthetic", "profile": "quick", "seed": seed}))
 
 
+@pytest.mark.slow
 def test_alpha_curve_counts_a_run_found_in_two_folders_once(tmp_path):
     # the sweep over alpha includes the default value: the same configuration and seed also sits in the
     # sweep's folder; seed 0 must count once (the bug: 0.001 pooled 0.559, 0.350 and 0.559 again)
@@ -147,6 +148,7 @@ def test_alpha_curve_counts_a_run_found_in_two_folders_once(tmp_path):
     assert points.loc[0.0, "n"] == 1 and np.isnan(points.loc[0.0, "std"])
 
 
+@pytest.mark.slow
 def test_figures_all_writes_what_it_can_and_says_what_it_skipped(runs, tmp_path, capsys):
     args = ["figures", "--dataset", "synthetic", "--kind", "all", "--results", str(runs), "--method", "stepsfake",
             "--values", "1,10", "--eval-images", "2", "--samples", "10", "--k", "2", "--out", str(tmp_path / "f")]
@@ -180,6 +182,7 @@ def test_alpha_curve_from_runs_that_differ_in_alpha(tmp_path, capsys):
     assert printed[0].endswith("figures/synthetic/alpha.png") and _png(printed[0])[..., :3].std() > 0.05
 
 
+@pytest.mark.slow
 def test_samples_figure_of_a_reference_method_that_needs_the_sample_context(tmp_path):
     # the oracle draws from the dataset's true reader distribution: it needs the dataset items it samples
     run("oracle", "synthetic", profile="smoke", results=tmp_path, quiet=True)

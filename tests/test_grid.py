@@ -228,6 +228,7 @@ def test_submitit_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "needs the submitit package: pip install submitit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_submitit_local_executor(tmp_path, capsys):
     pytest.importorskip("submitit")
     jobs = grid.expand(["ssn"], ["synthetic"], 2, profile="smoke", results=tmp_path)

@@ -49,6 +49,7 @@ def test_plain_progress_lines_carry_an_eta(capsys):
     assert lines[-1] == "main 4/4 loss 1.0"  # finished: no ETA
 
 
+@pytest.mark.slow
 def test_estimate_is_printed_and_leaves_the_run_unchanged(tmp_path, capsys):
     """The warm-up runs on a copy with the random state restored: same metrics and losses as without it."""
     folders = {}

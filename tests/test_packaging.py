@@ -19,6 +19,7 @@ def _py(python, code, cwd, extra_path=None):
     return subprocess.run([str(python), "-P", "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_amisbench_datasets_resolves_beside_another_datasets_package(tmp_path):
     fake = tmp_path / "site" / "datasets"
     fake.mkdir(parents=True)

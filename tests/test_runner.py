@@ -26,6 +26,7 @@ def metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_samples(tmp_path):
     a = run("ssn", "synthetic", seed=0, results=tmp_path / "a", **SMOKE)
     b = run("ssn", "synthetic", seed=0, results=tmp_path / "b", **SMOKE)
@@ -226,6 +227,7 @@ def test_bad_config_files_get_one_sentence_and_write_nothing(tmp_path, capsys, t
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 def test_a_tag_puts_a_changed_setting_beside_the_finished_run(tmp_path, capsys):
     res = str(tmp_path)
     base = ["run", "--method", "oracle", *SMOKE_ARGS, "--results", res]
@@ -276,6 +278,7 @@ def _tb_scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_logger_csv_is_the_default_and_tensorboard_logs_the_same_scalars(tmp_path, capsys):
     base = ["run", "--method", "ssn", *SMOKE_ARGS, "--results", str(tmp_path), "--set", "train.main.steps=4"]
     assert cli.main(base) == 0

@@ -76,6 +76,7 @@ def test_kill_between_best_save_and_next_log_resumes_to_the_same_selection(tmp_p
     assert (cut / "per_image.csv").read_text() == (ref / "per_image.csv").read_text()
 
 
+@pytest.mark.slow
 def test_selected_weights_are_the_ones_evaluated(tmp_path):
     folder = run("ssn", "synthetic", profile="smoke", sets=SELECT, results=tmp_path / "best", quiet=True)
     best = torch.load(folder / "ckpt" / "best.pt", weights_only=True)
@@ -119,6 +120,7 @@ def test_plateau_reduces_after_patience_and_resumes_from_its_state():
     assert f(50) == 0.2
 
 
+@pytest.mark.slow
 def test_plateau_schedule_in_a_run_logs_a_lower_lr(tmp_path):
     sets = ["train.main.steps=8", "train.main.eval_every=2", "train.main.schedule=plateau",
             "train.main.plateau_metric=GED", "train.main.patience=0", "train.main.gamma=0.5",

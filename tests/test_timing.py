@@ -170,6 +170,7 @@ def test_release_loop_settings():
         timing.release_loop_settings("ssn", "synthetic", "smoke")
 
 
+@pytest.mark.slow
 def test_train_steps_per_second_of_every_stage(capsys):
     assert cli.main(["timing", "--method", "atfm", "--dataset", "synthetic", "--profile", "smoke", "--train",
                      "--steps", "1"]) == 0

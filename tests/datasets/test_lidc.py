@@ -150,6 +150,7 @@ def test_atfm_paper_protocol_reproduces_the_release_overlap(tmp_path):
         LIDC(LIDCConfig(root=str(out), protocol="atfm-paper", split_seed=3), "train")
 
 
+@pytest.mark.slow
 def test_atfm_gtr_stage_trains_on_the_release_gtr_rows(tmp_path, monkeypatch):
     """Under atfm-paper the runner gives the gtr stage perm[:floor(0.6 N)] only, and counts its epochs there."""
     from amisbench import runner
@@ -477,6 +478,7 @@ def real_prepared(tmp_path_factory):
     return z, prepare("lidc", src, tmp / "prepared", show_progress=False)
 
 
+@pytest.mark.slow
 def test_real_crops_prepare_and_load(real_prepared):
     z, out = real_prepared
     ds = load_all(out)
@@ -494,6 +496,7 @@ def test_real_crops_prepare_and_load(real_prepared):
     assert len(set().union(*groups.values())) == 59
 
 
+@pytest.mark.slow
 def test_real_crops_smoke_run(real_prepared, tmp_path):
     from amisbench import runner
     _, out = real_prepared
@@ -512,6 +515,7 @@ def test_real_crops_smoke_run(real_prepared, tmp_path):
     assert set(groups) == scored and all(g.startswith("LIDC-IDRI-") for g in groups.values())
 
 
+@pytest.mark.slow
 def test_real_crops_leaky_protocol_is_labelled_and_kept_apart(real_prepared, tmp_path):
     from amisbench import runner
     _, out = real_prepared

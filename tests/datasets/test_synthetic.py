@@ -40,6 +40,7 @@ def test_splits_are_group_disjoint_and_cover_all(cfg):
     assert len(groups["test"]) == 10
 
 
+@pytest.mark.slow
 def test_reader_distribution_is_the_advertised_one():
     cfg = SyntheticConfig(size=48)
     ds = Synthetic(cfg, "train")

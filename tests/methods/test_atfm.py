@@ -501,6 +501,7 @@ def random_state(layout: dict[str, list[int]], seed: int = 0) -> dict[str, torch
                                         ("st_net_dim256", release.st_net_from_release),
                                         ("gtr_in1", release.gtr_from_release),
                                         ("gtr_in3", release.gtr_from_release)])
+@pytest.mark.slow
 def test_release_layouts_load_strictly(shapes, key, build):
     state = random_state(shapes[key])
     net = build(state)
