@@ -331,32 +331,49 @@ class _Buffer:
         return self.flat[:need].view(shape)
 
 
-def _union(p: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W)`` uint8, nonzero where some mask of the image is set: one pass over the masks.
-
-    On CPU the masks are OR-ed as 64-bit words in numpy where the layout allows (twice as fast as a
-    uint8 maximum, which is itself far faster than bool ``any``).
-    """
+def _word_map(p: torch.Tensor) -> np.ndarray | None:
+    """``(B, H*W/8)`` uint64: the OR of all masks of each image as 64-bit words (8 pixels a word), read in
+    one pass with numpy; ``None`` where the layout does not allow it (not CPU, rows not contiguous, or
+    ``H*W`` not a multiple of 8)."""
     bsz, k, height, width = p.shape
-    if _numpy_path(p.device) and (height * width) % 8 == 0 and p.stride(-1) == 1 and p.stride(-2) == width:
-        words = p.numpy().reshape(bsz, k, height * width).view(np.uint64)
-        return torch.from_numpy(np.bitwise_or.reduce(words, axis=1).view(np.uint8)).view(bsz, height, width)
-    return p.view(torch.uint8).amax(dim=1)
+    if not (_numpy_path(p.device) and (height * width) % 8 == 0 and p.stride(-1) == 1
+            and p.stride(-2) == width):
+        return None
+    words = p.numpy().reshape(bsz, k, height * width).view(np.uint64)
+    return np.bitwise_or.reduce(words, axis=1)
 
 
 def _windows(parts: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int] | None]:
     """Per image the smallest rectangle ``(r0, r1, c0, c1)`` holding every set pixel of its masks (None if
-    they are all empty). A pixel outside it is empty in every mask and adds nothing to any count."""
-    union = None
-    for p in parts:
-        u = _union(p)
-        union = u if union is None else torch.maximum(union, u)
-    rows, cols = union.amax(dim=2), union.amax(dim=1)  # (B, H), (B, W): nonzero where some mask is set
-    rows, cols = (rows != 0).to(torch.uint8), (cols != 0).to(torch.uint8)
-    height, width = rows.shape[1], cols.shape[1]
-    box = torch.stack([rows.argmax(1), height - rows.flip(1).argmax(1),
-                       cols.argmax(1), width - cols.flip(1).argmax(1), rows.amax(1).long()], dim=1)
-    return [tuple(v[:4]) if v[4] else None for v in box.tolist()]
+    they are all empty). A pixel outside it is empty in every mask and adds nothing to any count.
+
+    On CPU the masks are OR-ed as 64-bit words in numpy (one read of the input at memory speed); the
+    occupied rows and columns come from that small word map (columns from the bytes of the OR of its
+    rows). Elsewhere (CUDA) the same with a torch uint8 maximum over the masks.
+    """
+    bsz, _, height, width = parts[0].shape
+    maps = [_word_map(p) for p in parts]
+    if all(m is not None for m in maps):
+        union = maps[0]
+        for m in maps[1:]:
+            union = union | m
+        if width % 8 == 0:  # each image row is whole words
+            grid = union.reshape(bsz, height, width // 8)
+            rows = grid.any(axis=2)
+            cols = np.bitwise_or.reduce(grid, axis=1).view(np.uint8) != 0  # (B, W)
+        else:
+            grid = union.view(np.uint8).reshape(bsz, height, width)
+            rows, cols = grid.any(axis=2), grid.any(axis=1)
+    else:
+        grid = parts[0].view(torch.uint8).amax(dim=1)
+        for p in parts[1:]:
+            grid = torch.maximum(grid, p.view(torch.uint8).amax(dim=1))
+        rows, cols = (grid.amax(dim=2) != 0).cpu().numpy(), (grid.amax(dim=1) != 0).cpu().numpy()
+    found = rows.any(axis=1)
+    r0, r1 = rows.argmax(axis=1), height - rows[:, ::-1].argmax(axis=1)
+    c0, c1 = cols.argmax(axis=1), width - cols[:, ::-1].argmax(axis=1)
+    box = np.stack([r0, r1, c0, c1], axis=1).tolist()
+    return [tuple(v) if f else None for v, f in zip(box, found.tolist())]
 
 
 @dataclass
@@ -414,9 +431,11 @@ def _fill(x: Any, sources: Sequence[Any], b: int, box: tuple[int, int, int, int]
 
 def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, int] | None]) -> torch.Tensor:
     """:func:`_gram` on a CPU with AMX tiles: per image, its window copied as int8 ``(K, pixels)``
-    (numpy's strided copy) and one int8 product with exact int32 sums."""
+    (numpy's strided copy of the bool masks viewed as int8, the same bytes) and one int8 product with
+    exact int32 sums, written as float64 into the result."""
     bsz, total = parts[0].shape[0], sum(p.shape[1] for p in parts)
-    counts = torch.zeros((bsz, total, total), dtype=torch.int32)
+    counts = torch.empty((bsz, total, total), dtype=torch.float64)
+    product = torch.empty((total, total), dtype=torch.int32)
     # at least 2 columns: torch._int_mm gives wrong sums for an inner dimension of 1
     widths = [max(2, (b[1] - b[0]) * (b[3] - b[2])) for b in boxes if b is not None]
     buffer = torch.empty(total * max(widths, default=2), dtype=torch.int8)
@@ -424,6 +443,7 @@ def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, i
     sources = [p.numpy().view(np.int8) for p in parts]
     for b, box in enumerate(boxes):
         if box is None:
+            counts[b] = 0
             continue
         r0, r1, c0, c1 = box
         pixels = (r1 - r0) * (c1 - c0)
@@ -437,8 +457,8 @@ def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, i
         if width > pixels:
             flat[:, pixels:] = 0
         x = buffer[:total * width].view(total, width)
-        torch._int_mm(x, x.T, out=counts[b])
-    return counts.double()
+        counts[b] = torch._int_mm(x, x.T, out=product)
+    return counts
 
 
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
