@@ -354,12 +354,12 @@ def _windows(parts: Sequence[torch.Tensor]) -> list[tuple[int, int, int, int] | 
     bsz, _, height, width = parts[0].shape
     maps = [_word_map(p) for p in parts]
     if all(m is not None for m in maps):
-        union = maps[0]
+        union = maps[0]  # a fresh array: OR the others into it
         for m in maps[1:]:
-            union = union | m
+            np.bitwise_or(union, m, out=union)
         if width % 8 == 0:  # each image row is whole words
             grid = union.reshape(bsz, height, width // 8)
-            rows = grid.any(axis=2)
+            rows = np.bitwise_or.reduce(grid, axis=2) != 0  # (B, H); faster than a bool any
             cols = np.bitwise_or.reduce(grid, axis=1).view(np.uint8) != 0  # (B, W)
         else:
             grid = union.view(np.uint8).reshape(bsz, height, width)
