@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .store import TIMING
+from .store import TIMING, RunSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -420,7 +420,7 @@ def build(results: Path | str, dataset: str, profile: str | None = None, columns
 
 def label_method(label: str) -> str:
     """The method of a result label (``method[-variant][+tag]``)."""
-    return label.split("+", 1)[0].split("-", 1)[0]
+    return RunSpec.parse_label(label)[0]
 
 
 def reference_methods() -> list[str]:
