@@ -392,6 +392,16 @@ def check_values(cfg: RunConfig) -> None:
     positive(ev.batch_images, "eval.batch_images")
 
 
+def validate(cfg: RunConfig) -> None:
+    """The method's and the dataset's own rules (their ``Config.__post_init__``, which raises a
+    :class:`UserError` naming the key) on the final values: a config is built with its defaults and then
+    changed by the layers and ``--set``, which ``__post_init__`` alone would not see."""
+    for section in (cfg.method, cfg.dataset):
+        post_init = getattr(section, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+
 # ----------------------------------------------------------------------------------------------------
 # resolution
 # ----------------------------------------------------------------------------------------------------
@@ -511,6 +521,7 @@ def resolve(method: str, dataset: str, profile: str = "quick", variant: str | No
         origins.after(labels[i] if i < len(labels) else "--set")
     if set_items:
         sources.append("--set " + " ".join(f"{k}={v}" for k, v in set_items))
+    validate(cfg)
     return Resolved(cfg, method, dataset, profile, variant, sources, origins.where)
 
 

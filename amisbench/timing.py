@@ -133,7 +133,7 @@ def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: tor
     import copy
     import dataclasses
 
-    from .config import apply_set, parse_set
+    from .config import apply_set, parse_set, validate
     from .factory import build_method
     from .store import CheckpointError
 
@@ -142,6 +142,7 @@ def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: tor
         return model
     cfg = copy.deepcopy(res.cfg)
     apply_set(cfg, items)
+    validate(cfg)
     try:
         return build_method(dataclasses.replace(res, cfg=cfg), model.spec, device=device,
                             checkpoint=model.state_dict())

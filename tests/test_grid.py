@@ -317,3 +317,14 @@ def test_a_job_is_its_run_spec_rendered_once_and_parsed_back_the_same(tmp_path):
         specs, _, _ = cli.run_specs(cli.build_parser().parse_args(argv))
         assert specs == [dataclasses.replace(job.spec, set_labels=["--set"] * len(job.spec.sets))]
         assert job.folder == job.spec.path(job.spec.results)
+
+
+def test_a_grid_with_a_bad_method_value_launches_nothing(tmp_path, capsys):
+    """The method's config rules run for every job while the grid expands: exit 2, one sentence, no jobs file,
+    no log, no run folder (here with the slurm launcher, which would write jobs.json and grid.sbatch)."""
+    rc = cli.main(["grid", "--method", "ssn,atfm", "--dataset", "synthetic", "--profile", "smoke", "--launcher", "slurm",
+                   "--set", "atfm:method.mc_samples=3", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == ("amisbench grid: error: method.mc_samples: expected an even number (antithetic sampling "
+                               "draws pairs), got 3\n")
+    assert not any(tmp_path.iterdir())
