@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
@@ -256,7 +256,6 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     from .pace import default_threads, describe_threads
     from .env import pick_device
-    from .errors import RunFailed
     from .progress import Reporter
     from .runner import prepare, run_spec
 
@@ -388,6 +387,9 @@ def _main(argv: list[str] | None) -> int:
         prog = f"amisbench {getattr(a, 'command', '')}".strip() if "a" in locals() else "amisbench"
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # e.g. a method's sample returning the wrong masks under `amisbench timing`
+        print(f"amisbench {a.command}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("amisbench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
