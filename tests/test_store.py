@@ -1,6 +1,7 @@
 """The results store (amisbench/store.py): the run identity (RunSpec: label, folder, label parser), the run
-folder layout, JSON/YAML/checkpoint round trips, the one-sentence errors of damaged results files and of output places that cannot be written, and the clean-up of
-temporaries. (Damaged checkpoints, full disks and locks under load: tests/reliability.)"""
+folder layout, JSON/YAML/checkpoint round trips, the one-sentence errors of damaged results files and of output
+places that cannot be written, and the clean-up of temporaries. (Damaged checkpoints, full disks and locks under
+load: tests/reliability.)"""
 
 import errno
 import hashlib
