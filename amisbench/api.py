@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Iterable, Protocol, TypedDict, runtime_checkab
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -129,6 +131,23 @@ def compile_networks(model: Method, mode: str = "default") -> list[str]:
     for name in names:
         model.get_submodule(name).compile(mode=mode)
     return names
+
+
+def check_config(key: str, ok: bool, expected: str, value: Any) -> None:
+    """One rule of a method's config, checked in its ``Config.__post_init__``: unless ``ok``, a
+    :class:`~amisbench.errors.UserError` ``method.<key>: expected <expected>, got <value>``.
+
+    The resolver calls ``__post_init__`` again once every layer and ``--set`` is applied, so a bad value is
+    refused before anything runs (``amisbench run`` and ``amisbench grid`` alike)."""
+    if not ok:
+        raise UserError(f"method.{key}: expected {expected}, got {value!r}")
+
+
+def at_least(cfg: Any, **minimum: int) -> None:
+    """:func:`check_config` that each ``method.<key>`` of ``cfg`` is at least ``minimum[key]``."""
+    for key, low in minimum.items():
+        value = getattr(cfg, key)
+        check_config(key, value >= low, f"at least {low}", value)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
@@ -239,18 +239,29 @@ def _aligned(rows: list[tuple[str, str]]) -> list[str]:
     return [f"{t:<{width}}  # {src}" for t, src in rows]
 
 
+def run_specs(a: argparse.Namespace) -> tuple[list, dict, dict[str, str]]:
+    """The runs of ``amisbench run`` (one :class:`~amisbench.store.RunSpec` per seed), with the settings and
+    where each came from (:func:`run_options`)."""
+    from .store import RunSpec
+
+    o, origin = run_options(a)
+    specs = [RunSpec(o["method"], o["dataset"], s, o["profile"], o["variant"], o["sets"], o["device"], o["results"],
+                     a.force, o["data_root"], o["protocol"], o["tag"], o["set_labels"], estimate=a.estimate)
+             for s in o["seeds"]]
+    return specs, o, origin
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
     from .pace import default_threads, describe_threads
-    from .runner import Reporter, RunFailed, RunSpec, pick_device, prepare, run_spec
+    from .env import pick_device
+    from .progress import Reporter
+    from .runner import prepare, run_spec
 
-    o, origin = run_options(a)
+    specs, o, origin = run_specs(a)
     if a.threads is not None and a.threads < 1:
         raise UserError(f"--threads {a.threads}: expected a positive number of threads")
-    specs = [RunSpec(o["method"], o["dataset"], s, o["profile"], o["variant"], o["sets"], o["device"], o["results"],
-                     a.force, o["data_root"], o["protocol"], o["tag"], o["set_labels"], estimate=a.estimate)
-             for s in o["seeds"]]
     prepared = [prepare(spec) for spec in specs]  # validate every seed's config before anything is written
     if a.print_config:
         print_config(prepared[0][0], [folder for _, folder in prepared], o, origin)
@@ -299,23 +310,19 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def _method_details(name: str, a: argparse.Namespace) -> str:
-    import torch
-
     from .api import DataSpec
     from .config import resolve
-    from .registry import METHODS
+    from .factory import build_method
 
     try:
         res = resolve(name, a.dataset, a.profile)
     except UserError:
         res = resolve(name, "synthetic", a.profile)
-    cls = METHODS.get(name)
     readers = {"isic3": 3}.get(a.dataset, 4)  # reader slots: ISIC3 its 3 styles, LIDC and synthetic 4
-    with torch.device("meta"):
-        model = cls(res.cfg.method, DataSpec(a.channels, a.size, a.size, readers, a.dataset))
+    model = build_method(res, DataSpec(a.channels, a.size, a.size, readers, a.dataset), device="meta")
     n = sum(p.numel() for p in model.parameters())
     return (f"profile {a.profile}, {a.size}x{a.size}x{a.channels}: {n:,} parameters; stages "
-            f"{', '.join(cls.stages)}; NFE for 100 samples: {model.nfe(100)}")
+            f"{', '.join(type(model).stages)}; NFE for 100 samples: {model.nfe(100)}")
 
 
 def cmd_grid_task(a: argparse.Namespace) -> int:
@@ -380,6 +387,9 @@ def _main(argv: list[str] | None) -> int:
         prog = f"amisbench {getattr(a, 'command', '')}".strip() if "a" in locals() else "amisbench"
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # e.g. a method's sample returning the wrong masks under `amisbench timing`
+        print(f"amisbench {a.command}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("amisbench: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

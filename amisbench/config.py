@@ -392,6 +392,16 @@ def check_values(cfg: RunConfig) -> None:
     positive(ev.batch_images, "eval.batch_images")
 
 
+def validate(cfg: RunConfig) -> None:
+    """The method's and the dataset's own rules (their ``Config.__post_init__``, which raises a
+    :class:`UserError` naming the key) on the final values: a config is built with its defaults and then
+    changed by the layers and ``--set``, which ``__post_init__`` alone would not see."""
+    for section in (cfg.method, cfg.dataset):
+        post_init = getattr(section, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+
 # ----------------------------------------------------------------------------------------------------
 # resolution
 # ----------------------------------------------------------------------------------------------------
@@ -450,11 +460,14 @@ class _Origins:
 
 def resolve(method: str, dataset: str, profile: str = "quick", variant: str | None = None,
             sets: list[str] | None = None, extra_files: list[Path] | None = None,
-            set_labels: list[str] | None = None) -> Resolved:
+            set_labels: list[str] | None = None, *, data_root: str | None = None,
+            protocol: str | None = None) -> Resolved:
     """Build the :class:`RunConfig` of a run (see the module docstring for the order).
 
     ``set_labels`` names where each entry of ``sets`` came from (default ``--set``), for
-    :attr:`Resolved.origins`."""
+    :attr:`Resolved.origins`. ``protocol`` and ``data_root`` (``--protocol``, ``--data-root``) are set on the
+    dataset config as they are, after the layers and before ``sets``: a folder named ``2024`` or ``a: b`` is
+    a folder name, never YAML."""
     from .registry import DATASETS, METHODS
 
     if profile not in PROFILES:
@@ -493,6 +506,14 @@ def resolve(method: str, dataset: str, profile: str = "quick", variant: str | No
                     used_variant=used_variant)
         sources.append(where)
         origins.after(where)
+    for key, value, flag in (("protocol", protocol, "--protocol"), ("root", data_root, "--data-root")):
+        if value is not None:
+            hints = _hints(type(cfg.dataset))
+            if key not in hints:
+                raise UserError(f"{flag} {value}: dataset '{dataset}' has no setting dataset.{key}")
+            setattr(cfg.dataset, key, coerce(value, hints[key], f"{flag}: dataset.{key}"))
+            sources.append(f"{flag} {value}")
+            origins.after(flag)
     set_items = parse_set(sets)
     labels = list(set_labels or [])
     for i, item in enumerate(set_items):
@@ -500,6 +521,7 @@ def resolve(method: str, dataset: str, profile: str = "quick", variant: str | No
         origins.after(labels[i] if i < len(labels) else "--set")
     if set_items:
         sources.append("--set " + " ".join(f"{k}={v}" for k, v in set_items))
+    validate(cfg)
     return Resolved(cfg, method, dataset, profile, variant, sources, origins.where)
 
 

@@ -40,7 +40,9 @@ def display_name(label: str) -> str:
     names = _names()
     if label in names:
         return names[label]
-    method, _, variant = label.partition("-")
+    from .store import RunSpec
+
+    method, variant, _ = RunSpec.parse_label(label)
     if variant and method in names:
         return f"{names[method]} ({variant})"
     return label

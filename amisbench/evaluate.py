@@ -23,6 +23,7 @@ import torch
 from . import metrics as M
 from .api import SampleContext
 from .config import EvalConfig
+from .errors import SampleError
 from .seeding import derive_seed, generator
 from .store import atomic_write_text
 
@@ -81,7 +82,7 @@ def sample_items(method: torch.nn.Module, dataset: Any, indices: list[int], imag
         samples = method.sample(images, n, generator=generator, context=ctx)
     expected = (len(indices), n, *images.shape[-2:])
     if tuple(samples.shape) != expected or samples.dtype != torch.bool:
-        raise RuntimeError(f"{type(method).__name__}.sample returned {samples.dtype} {tuple(samples.shape)}; "
+        raise SampleError(f"{type(method).__name__}.sample returned {samples.dtype} {tuple(samples.shape)}; "
                            f"expected torch.bool {expected}")
     return samples
 

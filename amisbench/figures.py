@@ -32,6 +32,7 @@ import torch
 
 from .errors import UserError
 from .evaluate import sample_items
+from .store import RunSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,7 +102,7 @@ def _finished(results: Path | str, dataset: str, label: str, profile: str | None
     runs = df.drop_duplicates("run_dir")[["run_dir", "seed", "profile", "protocol"]]
     if runs.empty:
         what = f" (profile {profile})" if profile else ""
-        method, _, variant = label.partition("-")
+        method, variant, _ = RunSpec.parse_label(label)
         hint = f"amisbench run --method {method}" + (f" --variant {variant}" if variant else "")
         raise UserError(f"no finished run of {label} on {dataset}{what} under {Path(results) / 'runs'}; "
                         f"train one with `{hint} --dataset {dataset}`")
@@ -267,7 +268,8 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     column (3.5 in, the first image).
     """
     from .display import display_name
-    from .runner import load_trained, pick_device
+    from .env import pick_device
+    from .factory import load_trained
     from .seeding import generator
 
     plt, sns = _plt()
@@ -405,7 +407,8 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     """GED_100 / HM-IoU_32 against ``param`` (default the sampler's Euler steps) for every finished seed."""
     import pandas as pd
 
-    from .runner import load_trained, pick_device
+    from .env import pick_device
+    from .factory import load_trained
     from .store import atomic_write_text
     from .timing import with_settings
 

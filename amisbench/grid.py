@@ -33,59 +33,55 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .store import RunSpec
 
 LAUNCHERS = ("print", "local", "slurm", "submitit")
 
 
+def run_args(spec: RunSpec, device: str | None = None) -> list[str]:
+    """The arguments after ``amisbench`` that run ``spec`` (``device`` replaces its device): the one place a
+    run becomes a command line. The launchers pass them as an argument list, never through a shell."""
+    a = ["run", "--method", spec.method, "--dataset", spec.dataset, "--seed", str(spec.seed), "--profile",
+         spec.profile]
+    for flag, value in (("--variant", spec.variant), ("--protocol", spec.protocol), ("--data-root", spec.data_root)):
+        if value:
+            a += [flag, value]
+    dev = device or spec.device
+    if dev != "cpu":
+        a += ["--device", dev]
+    if spec.results is not None:
+        a += ["--results", str(spec.results)]
+    if spec.tag:
+        a += ["--tag", spec.tag]
+    for s in spec.sets or []:
+        a += ["--set", s]
+    if spec.force:
+        a.append("--force")
+    return a
+
+
 @dataclass
 class Job:
-    """One ``amisbench run`` of the grid."""
+    """One run of the grid (``spec``, the data every launcher is handed) and what expansion found out."""
 
-    method: str
-    dataset: str
-    seed: int
-    profile: str
-    variant: str | None = None
-    sets: list[str] = field(default_factory=list)
-    results: str | None = None
-    protocol: str | None = None
-    data_root: str | None = None
-    device: str = "cpu"
+    spec: RunSpec
     folder: Path | None = None  # the run folder (set by :func:`expand`)
     done: bool = False  # finished with the same config
-    tag: str = ""  # the sweep value, e.g. "method.alpha=1e-3"
-
-    @property
-    def label(self) -> str:
-        return self.method + (f"-{self.variant}" if self.variant else "")
+    sweep: str = ""  # the sweep value, e.g. "method.alpha=1e-3"
 
     @property
     def name(self) -> str:
-        ds = self.dataset + (f"-{self.protocol}" if self.protocol else "")
-        return f"{ds}__{self.label}__{self.profile}__seed-{self.seed}" + (f"__{self.tag}" if self.tag else "")
+        s = self.spec
+        return f"{s.dataset_label}__{s.label}__{s.profile}__seed-{s.seed}" + (f"__{self.sweep}" if self.sweep else "")
 
     def args(self, device: str | None = None) -> list[str]:
-        """Arguments after ``amisbench``."""
-        a = ["run", "--method", self.method, "--dataset", self.dataset, "--seed", str(self.seed), "--profile",
-             self.profile]
-        if self.variant:
-            a += ["--variant", self.variant]
-        if self.protocol:
-            a += ["--protocol", self.protocol]
-        if self.data_root:
-            a += ["--data-root", self.data_root]
-        dev = device or self.device
-        if dev != "cpu":
-            a += ["--device", dev]
-        if self.results is not None:
-            a += ["--results", str(self.results)]
-        for s in self.sets:
-            a += ["--set", s]
-        return a
+        """Arguments after ``amisbench`` (:func:`run_args`)."""
+        return run_args(self.spec, device)
 
     def line(self) -> str:
         return shlex.join(["amisbench", *self.args()])
@@ -158,7 +154,7 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     method (``none`` = the default variant). A ``sets`` entry ``METHOD:KEY=VALUE`` applies to that method's
     jobs only (e.g. ``p2sam:method.sam_checkpoint=PATH`` in a Table 1 grid).
     """
-    from .runner import RunSpec, default_results, prepare
+    from .runner import default_results, prepare
     from .store import finished_hash, is_done
 
     if seeds < 1:
@@ -169,7 +165,7 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     vlist = [None if v in ("none", "") else v for v in (variants or [None])]
     pairs = []
     for m in methods:
-        base, _, own = m.partition("-")
+        base, own, _ = RunSpec.parse_label(m)
         for v in ([own] if own else vlist):
             pairs.append((base, v))
     common, scoped = split_scoped_sets(sets or [], {m for m, _ in pairs})
@@ -180,13 +176,12 @@ def expand(methods: list[str], datasets: list[str], seeds: int, *, profile: str 
     for ds, (m, v), combo, seed in itertools.product(datasets, pairs, combos, range(seeds)):
         extra = [f"{k}={val}" for k, val in combo]
         res_dir = sweep_folder(root, list(combo)) if combo else (Path(results) if results is not None else None)
-        job = Job(m, ds, seed, profile, v, [*common, *scoped.get(m, []), *extra],
-                  None if res_dir is None else str(res_dir), protocol, data_root, device)
+        spec = RunSpec(m, ds, seed, profile, v, [*common, *scoped.get(m, []), *extra], device, res_dir,
+                       data_root=data_root, protocol=protocol)
+        job = Job(spec, sweep=res_dir.name if combo else "")
         refuse_control_characters(job.args(), f"grid job {job.name}")
-        res, folder = prepare(RunSpec(m, ds, seed, profile, v, job.sets, device, res_dir or root, False,
-                                      data_root, protocol))
+        res, folder = prepare(dataclasses.replace(spec, results=res_dir or root))
         job.folder = folder
-        job.tag = res_dir.name if combo else ""
         other = by_folder.get(folder.resolve())
         if other is not None:  # one folder, one job: a repeated job is dropped, two configs are refused
             if other.args() == job.args():
@@ -500,7 +495,7 @@ def table_grid(table: str | None, method: str | None, dataset: str | None) -> tu
             raise UserError("give --method and --dataset, or --table N (the runs of a table of the paper)")
         return _split_list(method, "--method"), _split_list(dataset, "--dataset")
     from .registry import METHODS
-    from .tables import load_definitions
+    from .tables import label_method, load_definitions
 
     defs = load_definitions()
     if table not in defs:
@@ -509,8 +504,8 @@ def table_grid(table: str | None, method: str | None, dataset: str | None) -> tu
     if d.kind != "metrics":
         raise UserError(f"table {table} is built by `amisbench timing`, not from runs; see amisbench timing --help")
     rows = [r.key for r in d.rows]
-    methods = _split_list(method, "--method") if method else [k for k in rows if k.split("-")[0] in METHODS]
-    missing = [k for k in rows if k.split("-")[0] not in METHODS]
+    methods = _split_list(method, "--method") if method else [k for k in rows if label_method(k) in METHODS]
+    missing = [k for k in rows if label_method(k) not in METHODS]
     if missing and not method:
         print(f"amisbench grid: table {table}: not implemented, left out: {', '.join(missing)}", file=sys.stderr)
     return methods, _split_list(dataset, "--dataset") if dataset else [d.dataset]

@@ -299,6 +299,9 @@ def _command(info: dict, run_dir: Path) -> str:
     except (OSError, yaml.YAMLError, AttributeError):
         sources = []
     for src in sources:
+        if isinstance(src, str) and src.startswith("--data-root "):
+            parts += ["--data-root", src[len("--data-root "):]]
+            continue
         if not isinstance(src, str) or not src.startswith("--set ") or src[6:].startswith("dataset.protocol="):
             continue  # the protocol is --protocol above
         key, _, value = src[6:].partition("=")

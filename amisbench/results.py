@@ -7,15 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
-from .store import RUNS, read_metrics, read_run_info
+from .store import RUNS, read_metrics, read_run_info, run_label
 
 COLUMNS = ["dataset", "protocol", "protocol_label", "method", "variant", "tag", "label", "profile", "seed",
            "metric", "value", "run_dir"]
 
 
-def result_label(method: str, variant: str | None = None, tag: str | None = None) -> str:
-    """``method[-variant][+tag]``: the row of a run in the tables (runs of one tag are one row)."""
-    return method + (f"-{variant}" if variant else "") + (f"+{tag}" if tag else "")
+#: ``method[-variant][+tag]``: the row of a run in the tables (runs of one tag are one row)
+result_label = run_label
 
 
 def scan(results: Path | str) -> tuple[pd.DataFrame, list[Path]]:

@@ -11,91 +11,33 @@ import csv
 import io
 import math
 import os
-import platform
 import re
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import __version__
 from .config import Resolved, StageConfig, check_values, resolve
-from .errors import UserError
+from .env import environment, git_info, pick_device
+from .errors import RunFailed, SampleError, UserError
+from .factory import build_method, check_state, load_weights
 from .evaluate import evaluate, sample_items
 from .loggers import check_tensorboard, open_logger
-from .pace import Pace, duration, estimate
+from .pace import estimate
+from .progress import Reporter
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed, generator
 from . import selection as SEL
 from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
-                    clean_temporaries, finished_hash, is_done, load_torch, read_run_info, run_dir, save_torch,
+                    clean_temporaries, finished_hash, is_done, load_torch, RunSpec, run_label, save_torch,
                     write_json, write_yaml)
-
-
-class RunFailed(Exception):
-    """A run that started but could not finish (diverged training, a method returning bad samples)."""
 
 
 def default_results() -> Path:
     return Path(os.environ.get("AMISBENCH_RESULTS", "results"))
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
-    return torch.device(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# progress reporting: rich on a terminal, plain lines otherwise
-# ----------------------------------------------------------------------------------------------------
-
-class Reporter:
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty() and not quiet
-        self._progress = None
-        self._task = None
-
-    def line(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    def start(self, label: str, total: int, done: int = 0) -> None:
-        self._label, self._total, self._last = label, total, -1
-        self._pace = Pace()
-        self._pace.start(done)
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task(label, total=total, completed=done, info="")
-
-    def update(self, done: int, info: str = "", every: int = 1) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=done, info=info)
-        elif not self.quiet and (done == self._total or done % max(1, every) == 0) and done != self._last:
-            self._last = done
-            eta = self._pace.eta(done, self._total) if done < self._total else None
-            tail = f" eta {duration(eta)}" if eta is not None else ""
-            print(f"{self._label} {done}/{self._total} {info}".rstrip() + tail, file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,29 +130,6 @@ def update(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.opti
     return gnorm
 
 
-def git_info() -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=5).stdout.strip())
-        return {"commit": sha or None, "dirty": dirty if sha else None}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "amisbench": __version__, "platform": platform.platform(), "device": str(device),
-           "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env
-
-
 def split_hash(dataset: Any) -> str | None:
     h = getattr(dataset, "split_hash", None)
     if h is not None:
@@ -242,24 +161,6 @@ def _rows_to_csv(rows: list[dict]) -> str:
 # one run
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
-class RunSpec:
-    method: str
-    dataset: str
-    seed: int = 0
-    profile: str = "quick"
-    variant: str | None = None
-    sets: list[str] | None = None
-    device: str = "cpu"
-    results: Path | str | None = None
-    force: bool = False
-    data_root: str | None = None
-    protocol: str | None = None
-    tag: str | None = None  # the run folder is <method>[-<variant>]+<tag>: a changed setting beside the others
-    set_labels: list[str] | None = None  # where each of ``sets`` came from (default --set), for --print-config
-    estimate: bool = True  # time a short warm-up and print the expected time before training (not quiet)
-
-
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,-]*")
 
 
@@ -275,15 +176,10 @@ def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
     sets = list(spec.sets or [])
     labels = list(spec.set_labels or [])
     labels += ["--set"] * (len(sets) - len(labels))
-    if spec.data_root is not None:
-        sets.insert(0, f"dataset.root={spec.data_root}")
-        labels.insert(0, "--data-root")
-    if spec.protocol is not None:
-        sets.insert(0, f"dataset.protocol={spec.protocol}")
-        labels.insert(0, "--protocol")
     if spec.seed < 0:
         raise UserError(f"--seed {spec.seed}: expected a non-negative integer")
-    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets, set_labels=labels)
+    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant, sets, set_labels=labels,
+                  data_root=spec.data_root, protocol=spec.protocol)
     check_values(res.cfg)  # values the types alone do not check (grid validates through here)
     for stage, sc in res.cfg.train.items():
         SEL.check_stage(sc, res.cfg.eval, f"train.{stage}")
@@ -292,8 +188,7 @@ def prepare(spec: RunSpec) -> tuple[Resolved, Path]:
     if res.cfg.logger == "tensorboard":
         check_tensorboard()
     results = check_output_dir(Path(spec.results or default_results()), "--results")
-    folder = run_dir(results, spec.dataset, spec.method, spec.profile, spec.seed,
-                     spec.variant, protocol if protocol != default_protocol else None, spec.tag)
+    folder = dataclasses.replace(spec, protocol=protocol if protocol != default_protocol else None).path(results)
     return res, folder
 
 
@@ -321,13 +216,12 @@ def run_spec(spec: RunSpec, rep: Reporter) -> Path:
             raise UserError(f"{e}; {kept}") from None
 
 
-def check_memory(mcls: Any, cfg: Any, data_spec: Any, method: str, dev: torch.device) -> None:
+def check_memory(res: Resolved, data_spec: Any, dev: torch.device) -> None:
     """Refuse a config whose model cannot fit: parameters counted on the ``meta`` device (nothing allocated),
     4 bytes each (float32 weights) and 12 more for a trainable one (its gradient and two Adam moments), against
     the memory of ``dev``. Activations come on top, so this is a lower bound."""
     try:
-        with torch.device("meta"):
-            params = list(mcls(cfg.method, data_spec).parameters())
+        params = list(build_method(res, data_spec, device="meta").parameters())
         n = sum(p.numel() for p in params)
         need = 4 * n + 12 * sum(p.numel() for p in params if p.requires_grad)
     except Exception:  # noqa: BLE001 - a bad config is reported by the real build; a method that cannot be
@@ -340,40 +234,15 @@ def check_memory(mcls: Any, cfg: Any, data_spec: Any, method: str, dev: torch.de
         except (ValueError, OSError, AttributeError):
             return
     if need > have:
-        raise UserError(f"{method} with this config has {n:,} parameters and needs at least {need / 2**30:,.1f} GiB "
+        raise UserError(f"{res.method} with this config has {n:,} parameters and needs at least {need / 2**30:,.1f} GiB "
                         f"for its weights, gradients and optimizer state, but {where} {have / 2**30:,.1f} GiB; "
                         "lower the sizes in the method's config (e.g. method.rank or the U-Net widths)")
-
-
-def check_state(state: Any, path: Path) -> dict:
-    """A resume checkpoint must be a dict with the runner's keys (its checksum has passed already)."""
-    keys = ("config_hash", "model", "stage", "step", "done_stages", "log", "rng")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected the runner's dict; "
-                              "delete it or pass --force to start over")
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; delete it or pass --force to start "
-                              "over")
-    return state
-
-
-def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
-    """``model.load_state_dict`` with a one-sentence error for missing or unexpected keys and wrong shapes."""
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({detail}); delete it or pass --force "
-                              "to start over") from None
 
 
 def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: torch.device) -> Path:
     cfg = res.cfg
     chash = res.hash()
-    name = f"{spec.method}{'-' + spec.variant if spec.variant else ''} on {spec.dataset} " \
-           f"({spec.profile}, seed {spec.seed})"
+    name = f"{run_label(spec.method, spec.variant)} on {spec.dataset} ({spec.profile}, seed {spec.seed})"
     if folder.exists() and spec.force:
         shutil.rmtree(folder)
     clean_temporaries(folder)  # of a write killed mid-way (e.g. ckpt/.last.pt.<random>.tmp)
@@ -408,13 +277,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
             raise UserError(f"{folder} holds a checkpoint of another config (hash {state.get('config_hash')}, "
                             f"now {chash}); pass --tag NAME to run this config beside it, --force to start over, "
                             "or choose another --results folder")
-    check_memory(mcls, cfg, train_ds.spec, spec.method, dev)
-    torch.manual_seed(derive_seed("init", spec.seed))
-    try:
-        model = mcls(cfg.method, train_ds.spec).to(dev)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{spec.method} cannot be built with this config for {spec.dataset} "
-                        f"({train_ds.spec.height}x{train_ds.spec.width}): {e}") from None
+    check_memory(res, train_ds.spec, dev)
+    model = build_method(res, train_ds.spec, device=dev, seed=spec.seed)
     if state:  # before anything is written: a checkpoint that does not fit is refused with the folder untouched
         load_weights(model, state["model"], ckpt_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -565,10 +429,8 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
     try:
         means = evaluate(model, eval_ds, cfg.eval, seed=spec.seed, device=dev, out_dir=folder,
                          progress=lambda d, t: rep.update(d))
-    except RuntimeError as e:
-        if "sample returned" in str(e):
-            raise RunFailed(str(e)) from None
-        raise
+    except SampleError as e:
+        raise RunFailed(str(e)) from None
     finally:
         rep.stop()
     timings["eval"] = round(time.time() - t_eval, 3)
@@ -673,38 +535,3 @@ def _validation_step(model, val_ds, ecfg, seed, dev, folder, stage, step, sc, pa
     rec["step"], rec["value"] = step, vals[metric]
     save(folder / "ckpt" / "best.pt")
     return True
-
-
-def load_trained(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Any, Resolved]:
-    """Rebuild the trained model of a finished run folder (for timing, figures and re-evaluation).
-
-    Returns:
-        The model in eval mode on ``device``, the evaluation dataset of the run, and its resolved config.
-    """
-    from .config import read_yaml
-
-    folder = Path(folder)
-    if not is_done(folder):
-        raise UserError(f"{folder} is not a finished run (no run.json)")
-    info = read_run_info(folder)
-    saved = read_yaml(folder / "config.yaml", "run config")
-    if not isinstance(saved, dict) or any(k not in saved for k in ("method", "dataset", "train", "eval")):
-        raise UserError(f"run config file {folder / 'config.yaml'} lacks the sections method, dataset, train, eval; "
-                        "the file is damaged")
-    spec = RunSpec(info["method"], info["dataset"], info["seed"], info["profile"], info.get("variant"))
-    res = resolve(spec.method, spec.dataset, spec.profile, spec.variant)
-    from .config import apply_section_tree
-
-    apply_section_tree(res.cfg, {k: saved[k] for k in ("method", "dataset", "train", "eval")}, str(folder))
-    dev = pick_device(device)
-    mcls = METHODS.get(spec.method)
-    dcls = DATASETS.get(spec.dataset)
-    eval_ds = dcls(res.cfg.dataset, res.cfg.eval.split)
-    model = mcls(res.cfg.method, eval_ds.spec).to(dev)
-    ckpt = folder / "ckpt" / "last.pt"
-    state = check_state(load_torch(ckpt, map_location=dev), ckpt)
-    load_weights(model, state["model"], ckpt)
-    for stage in mcls.stages:
-        model.on_stage_start(stage)
-    model.eval()
-    return model, eval_ds, res

@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,63 @@ RUNS = "runs"
 TIMING = "timing"  # <results>/timing/<device>/<dataset>__<label>.json, written by `amisbench timing`
 
 
-def run_dir(results: Path | str, dataset: str, method: str, profile: str, seed: int,
-            variant: str | None = None, protocol: str | None = None, tag: str | None = None) -> Path:
-    ds = dataset if not protocol else f"{dataset}-{protocol}"
-    m = (method if not variant else f"{method}-{variant}") + (f"+{tag}" if tag else "")
-    return Path(results) / RUNS / ds / m / profile / f"seed-{seed}"
+def run_label(method: str, variant: str | None = None, tag: str | None = None) -> str:
+    """``method[-variant][+tag]``: the name of a run's folder and of its row in the tables (the one place it is
+    built; :meth:`RunSpec.parse_label` splits it)."""
+    return method + (f"-{variant}" if variant else "") + (f"+{tag}" if tag else "")
+
+
+@dataclass
+class RunSpec:
+    """One run: what names its folder (method, variant, tag, dataset, protocol, profile, seed) and how the
+    command runs it (overrides, data folder, device, results folder).
+
+    ``data_root`` and ``protocol`` are typed settings that the runner sets on the resolved dataset config
+    (``dataset.root`` / ``dataset.protocol``); ``sets`` are ``section.key=value`` overrides and
+    ``set_labels`` where each came from (default ``--set``, for ``--print-config``).
+    """
+
+    method: str
+    dataset: str
+    seed: int = 0
+    profile: str = "quick"
+    variant: str | None = None
+    sets: list[str] | None = None
+    device: str = "cpu"
+    results: Path | str | None = None
+    force: bool = False
+    data_root: str | None = None
+    protocol: str | None = None
+    tag: str | None = None  # the run folder is <method>[-<variant>]+<tag>: a changed setting beside the others
+    set_labels: list[str] | None = None
+    estimate: bool = True  # time a short warm-up and print the expected time before training (not quiet)
+
+    @property
+    def label(self) -> str:
+        """``method[-variant][+tag]``."""
+        return run_label(self.method, self.variant, self.tag)
+
+    @property
+    def dataset_label(self) -> str:
+        """``dataset[-protocol]``: the folder of the dataset's runs."""
+        return self.dataset if not self.protocol else f"{self.dataset}-{self.protocol}"
+
+    def path(self, root: Path | str) -> Path:
+        """``<root>/runs/<dataset>[-<protocol>]/<method>[-<variant>][+<tag>]/<profile>/seed-<k>``."""
+        return Path(root) / RUNS / self.dataset_label / self.label / self.profile / f"seed-{self.seed}"
+
+    @staticmethod
+    def parse_label(label: str) -> tuple[str, str | None, str | None]:
+        """``method[-variant][+tag]`` -> (method, variant or None, tag or None); method names hold no ``-``
+        and tags no ``+``, a tag may hold ``-`` (``ssn+lr3e-4``).
+
+        Example:
+            >>> RunSpec.parse_label("atfm-act_gtr+lr3e-4")
+            ('atfm', 'act_gtr', 'lr3e-4')
+        """
+        head, _, tag = label.partition("+")
+        method, _, variant = head.partition("-")
+        return method, variant or None, tag or None
 
 
 class WriteFailed(UserError):

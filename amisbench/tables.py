@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .store import TIMING
+from .store import TIMING, RunSpec, run_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -418,9 +418,15 @@ def build(results: Path | str, dataset: str, profile: str | None = None, columns
     return Table(f"{dataset}: every finished run", cols, ranked + references, cells, notes, references=references)
 
 
+def with_tag(label: str, tag: str) -> str:
+    """The result label of the runs of ``label`` (``method[-variant]``) tagged ``tag``."""
+    method, variant, _ = RunSpec.parse_label(label)
+    return run_label(method, variant, tag)
+
+
 def label_method(label: str) -> str:
     """The method of a result label (``method[-variant][+tag]``)."""
-    return label.split("+", 1)[0].split("-", 1)[0]
+    return RunSpec.parse_label(label)[0]
 
 
 def reference_methods() -> list[str]:
@@ -510,16 +516,16 @@ def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: 
     s = summarize(df)
     labels = set(s["label"])
     if tag:  # the runs of one --tag: a row's labels gain "+tag"
-        rows = [dataclasses.replace(r, also=[f"{lab}+{tag}" for lab in [r.key, *r.also]]) for r in d.rows]
+        rows = [dataclasses.replace(r, also=[with_tag(lab, tag) for lab in [r.key, *r.also]]) for r in d.rows]
         t.notes.append(f"runs tagged {tag}")
     else:
         rows = list(d.rows)
-    tagged = sorted(lab for lab in labels if "+" in lab and not (tag and lab.endswith(f"+{tag}")))
+    tagged = sorted(lab for lab in labels if RunSpec.parse_label(lab)[2] not in (None, tag))
     if tagged:
         t.notes.append(f"tagged runs not in this table: {', '.join(tagged)} (build it from one tag with --tag NAME)")
     seeds_note, used = [], []
     for lab in sorted(labels):  # reference rows with runs (unet, oracle) follow the table's rows, set apart
-        if label_method(lab) in d.references and lab not in t.rows and "+" not in lab:
+        if label_method(lab) in d.references and lab not in t.rows and not RunSpec.parse_label(lab)[2]:
             t.rows.append(lab)
             t.references.append(lab)
             rows.append(RowDef(lab, lab))

@@ -31,7 +31,7 @@ import torch
 
 from .errors import UserError
 from .evaluate import sample_items
-from .store import TIMING
+from .store import TIMING, run_label
 
 
 # indirections so that tests can check the order of synchronisation and clock reads
@@ -101,34 +101,25 @@ def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed
            user_sets: list[str], device: torch.device, untrained: bool, results: Path | str | None,
            protocol: str | None, data_root: str | None):
     """The model (eval mode, on ``device``), its evaluation dataset, and the run folder (None if untrained)."""
-    from .registry import DATASETS, METHODS
-    from .runner import RunSpec, load_trained, prepare
-    from .seeding import derive_seed
+    from .factory import build_method, load_trained
+    from .registry import DATASETS
+    from .runner import RunSpec, prepare
     from .store import is_done
 
-    mcls = METHODS.get(method)
     if untrained:
         res, _ = prepare(RunSpec(method, dataset, seed, profile, variant, [*sets, *user_sets], str(device),
                                  results, False, data_root, protocol))
         ds = DATASETS.get(dataset)(res.cfg.dataset, res.cfg.eval.split)
-        torch.manual_seed(derive_seed("init", seed))
-        model = mcls(res.cfg.method, ds.spec).to(device)
-        folder = None
-    else:
-        _, folder = prepare(RunSpec(method, dataset, seed, profile, variant, None, str(device), results, False,
-                                    data_root, protocol))
-        if not is_done(folder):
-            label = method + (f" --variant {variant}" if variant else "")
-            raise UserError(f"no finished run of {method}{'-' + variant if variant else ''} on {dataset} "
-                            f"(profile {profile}, seed {seed}) at {folder}; train it with `amisbench run "
-                            f"--method {label} --dataset {dataset} --profile {profile} --seed {seed}` or "
-                            "pass --untrained to time a freshly initialised model")
-        trained, ds, res = load_trained(folder, str(device))
-        return with_settings(trained, res, [*sets, *user_sets], device), ds, folder
-    for stage in mcls.stages:
-        model.on_stage_start(stage)
-    model.eval()
-    return model, ds, folder
+        return build_method(res, ds.spec, device=device, seed=seed, sampling=True), ds, None
+    spec = RunSpec(method, dataset, seed, profile, variant, None, str(device), results, False, data_root, protocol)
+    _, folder = prepare(spec)
+    if not is_done(folder):
+        label = method + (f" --variant {variant}" if variant else "")
+        raise UserError(f"no finished run of {spec.label} on {dataset} (profile {profile}, seed {seed}) at "
+                        f"{folder}; train it with `amisbench run --method {label} --dataset {dataset} --profile "
+                        f"{profile} --seed {seed}` or pass --untrained to time a freshly initialised model")
+    trained, ds, res = load_trained(folder, str(device))
+    return with_settings(trained, res, [*sets, *user_sets], device), ds, folder
 
 
 def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: torch.device | str
@@ -140,25 +131,24 @@ def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: tor
     (noise schedules, step grids) follows the new settings.
     """
     import copy
+    import dataclasses
 
-    from .config import apply_set, parse_set
-    from .registry import METHODS
+    from .config import apply_set, parse_set, validate
+    from .factory import build_method
+    from .store import CheckpointError
 
     items = parse_set(sets)
     if not items:
         return model
     cfg = copy.deepcopy(res.cfg)
     apply_set(cfg, items)
-    mcls = METHODS.get(res.method)
-    new = mcls(cfg.method, model.spec).to(device)
+    validate(cfg)
     try:
-        new.load_state_dict(model.state_dict())
-    except RuntimeError:
+        return build_method(dataclasses.replace(res, cfg=cfg), model.spec, device=device,
+                            checkpoint=model.state_dict())
+    except CheckpointError:
         raise UserError(f"the settings {', '.join(sets)} change the network of {res.method}; only sampler "
                         "settings of a trained run can be changed") from None
-    for stage in mcls.stages:
-        new.on_stage_start(stage)
-    return new.eval()
 
 
 def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 10, profile: str = "quick",
@@ -172,7 +162,8 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     Args:
         inference: method -> sampler settings to apply (default: Table 3's of configs/tables.yaml).
     """
-    from .runner import default_results, git_info, pick_device
+    from .env import git_info, pick_device
+    from .runner import default_results
 
     if samples < 1 or images < 1 or warmup < 0:
         raise UserError(f"--samples {samples} --images {images} --warmup {warmup}: expected samples >= 1, "
@@ -237,7 +228,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     fixed, per, total = nfe_parts(model, samples)
     arr = np.asarray(times, dtype=np.float64)
     q25, med, q75 = (float(v) for v in np.percentile(arr, [25, 50, 75]))
-    label = method + (f"-{variant}" if variant else "")
+    label = run_label(method, variant)
     rec = {
         "method": method, "variant": variant, "label": label, "dataset": dataset, "profile": profile,
         "seed": seed, "trained": not untrained, "run_dir": str(folder) if folder else None,
@@ -373,31 +364,31 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
     """
     import copy
 
+    from .env import pick_device
+    from .factory import build_method
     from .pace import estimate
-    from .registry import DATASETS, METHODS
-    from .runner import RunSpec, pick_device, prepare, stage_steps, warmup_step
-    from .seeding import derive_seed
+    from .registry import DATASETS
+    from .runner import RunSpec, prepare, stage_steps, warmup_step
 
     if steps < 1:
         raise UserError(f"--steps {steps}: expected at least one timed step per stage")
     dev = pick_device(device)
     res, _ = prepare(RunSpec(method, dataset, seed, profile, variant, list(sets or []), str(dev), None, False,
                              data_root, protocol))
-    mcls = METHODS.get(method)
     train_ds = DATASETS.get(dataset)(res.cfg.dataset, "train")
-    torch.manual_seed(derive_seed("init", seed))
-    model = mcls(res.cfg.method, train_ds.spec).to(dev)
+    model = build_method(res, train_ds.spec, device=dev, seed=seed)
+    stages = list(type(model).stages)
     left = {s: stage_steps(sc, len(train_ds), f"train.{s}") for s, sc in res.cfg.train.items()}
     out = []
     for amp in ([False, True] if dev.type == "cuda" else [False]):
         cfg = copy.deepcopy(res.cfg)
         for sc in cfg.train.values():
             sc.amp = amp
-        est = estimate(model, list(mcls.stages), left, train_step=warmup_step(cfg, train_ds, dev, seed, left),
+        est = estimate(model, stages, left, train_step=warmup_step(cfg, train_ds, dev, seed, left),
                        eval_call=None, eval_images=0, eval_batch=1, device=dev, warmup_steps=steps,
                        budget_s=float("inf"))
         for stage, sec in est.step_s.items():
-            out.append({"method": method, "label": method + (f"-{variant}" if variant else ""), "stage": stage,
+            out.append({"method": method, "label": run_label(method, variant), "stage": stage,
                         "batch_size": cfg.train[stage].batch_size, "dtype": "autocast bfloat16" if amp else "float32",
                         "step_s": sec, "steps_per_s": 1.0 / sec if sec > 0 else float("inf"), "steps": steps,
                         "stage_steps": left[stage], "profile": profile, "device_name": device_name(dev),
@@ -469,8 +460,7 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
-    from .registry import METHODS
-    from .runner import pick_device
+    from .env import pick_device
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:

@@ -5,13 +5,13 @@ Private module (leading underscore): the registry does not scan it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.errors import UserError
+from amisbench.api import check_config
 from amisbench.nn.unet import make_norm
 
 
@@ -76,9 +76,21 @@ def sample_one_hot(probs: Tensor, generator: torch.Generator | None = None) -> T
     return one_hot(idx, probs.shape[1], probs.dtype)
 
 
-def check_chunk(value: int, where: str = "method.sample_chunk") -> None:
-    if value < 0:
-        raise UserError(f"{where}: expected 0 (no chunking) or a positive count, got {value}")
+def check_chunk(value: int) -> None:
+    """``method.sample_chunk``: 0 (no chunking) or a positive count."""
+    check_config("sample_chunk", value >= 0, "0 (no chunking) or a positive count", value)
+
+
+def sample_in_chunks(images: Tensor, n: int, chunk: int, draw: Callable[[Tensor], Tensor]) -> Tensor:
+    """``n`` masks per image, (B, n, H, W) bool, drawn at most ``chunk`` samples at a time (0: all at once) in
+    image-major order: ``draw(owner)`` gets the image index (m,) of each sample of a chunk and returns their
+    masks (m, H, W) bool."""
+    b, _, h, w = images.shape
+    out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
+    flat = out.view(b * n, h, w)
+    for s0, s1 in chunks(b * n, chunk):
+        flat[s0:s1] = draw(torch.arange(s0, s1, device=images.device) // n)
+    return out
 
 
 def chunks(total: int, size: int):

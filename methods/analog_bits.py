@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
-from ._blocks import check_chunk, chunks, pick_reader
+from ._blocks import check_chunk, pick_reader, sample_in_chunks
 from ._diffusion import diffusion_unet, gaussian_posterior, mask_to_pm1, time_dim
 
 
@@ -52,6 +52,13 @@ class AnalogBitsConfig:
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale (sinusoidal features)
     sample_chunk: int = 256  # most (image, sample) chains per network batch (0: all at once); memory only
 
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, sample_steps=1)
+        check_config("self_cond_prob", 0.0 <= self.self_cond_prob <= 1.0, "a probability in [0, 1]",
+                     self.self_cond_prob)
+        check_config("bit_scale", self.bit_scale > 0, "a positive number", self.bit_scale)
+
 
 def gamma_cosine(t: Tensor) -> Tensor:
     """gamma(t) = cos(pi t / 2)^2, clipped to [0, 1] (signal fraction at continuous time t in [0, 1])."""
@@ -67,9 +74,6 @@ class AnalogBits(Method):
 
     def __init__(self, cfg: AnalogBitsConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if cfg.sample_steps < 1 or not 0.0 <= cfg.self_cond_prob <= 1.0 or cfg.bit_scale <= 0:
-            raise ValueError("sample_steps must be at least 1, self_cond_prob in [0, 1] and bit_scale positive")
         self.net = UNet(2 + spec.channels, 1, cfg.unet, time_dim=time_dim(cfg.time_dim, cfg.unet))
 
     def predict_x0(self, xt: Tensor, x0_prev: Tensor | None, images: Tensor, t: Tensor) -> Tensor:
@@ -111,11 +115,9 @@ class AnalogBits(Method):
         b, _, h, w = images.shape
         dev, dt = images.device, images.dtype
         bs = self.cfg.bit_scale
-        out = torch.empty((b, n, h, w), dtype=torch.bool, device=dev)
-        flat = out.view(b * n, h, w)
-        for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
-            m = s1 - s0
-            img = images[torch.arange(s0, s1, device=dev) // n]
+
+        def draw(owner: Tensor) -> Tensor:
+            m, img = len(owner), images[owner]
             x = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
             x0 = torch.zeros_like(x)
             for t_now, t_next in self._times():
@@ -136,8 +138,9 @@ class AnalogBits(Method):
                     ab_s = g_next.expand(m).to(dev)
                     mean, var = gaussian_posterior(x0, x, ab_t.clamp_min(1e-12), ab_s)
                     x = mean + var.sqrt() * torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
-            flat[s0:s1] = x0[:, 0] > 0
-        return out
+            return x0[:, 0] > 0
+
+        return sample_in_chunks(images, n, self.cfg.sample_chunk, draw)
 
     def nfe(self, n: int) -> int:
         return n * len(self._times())  # one network evaluation per (t_now, t_next) pair

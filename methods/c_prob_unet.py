@@ -49,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
-from amisbench.errors import UserError
+from amisbench.api import DataSpec, Method, at_least
 from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
@@ -72,6 +71,10 @@ class CProbUNetConfig:
     l2_weight: float = 1e-5  # train_c-prob_unet.py: loss = -elbo + 1e-5 * reg_loss
     style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
     sample_chunk: int = 64  # most samples per f_comb batch and image (0: all at once); memory only
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, latent_dim=1, encoder_convs=1, fcomb_convs=2)
 
 
 class Fcomb(nn.Module):
@@ -114,9 +117,6 @@ class CProbUNet(StyleConditioned, Method):
 
     def __init__(self, cfg: CProbUNetConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if cfg.latent_dim < 1 or cfg.fcomb_convs < 2 or cfg.encoder_convs < 1:
-            raise UserError("method: latent_dim and encoder_convs must be at least 1, fcomb_convs at least 2")
         self._check_style(cfg, spec.readers)
         enc = tuple(cfg.encoder_widths) or tuple(cfg.unet.widths)
         c, a = spec.channels, spec.readers

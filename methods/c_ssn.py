@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.nn import LowRankHead, UNet, UNetConfig, mc_log_likelihood
 from amisbench.registry import register_method
 
@@ -53,6 +53,12 @@ class CSSNConfig:
     eps: float = 2e-5  # models/c_ssn.py: exp(.) + epsilon, then + epsilon again (epsilon = 1e-5)
     per_pixel: bool = False  # divide the loss by the pixels (the release does not)
     style: Style = "mix"  # sampling: uniform mixture of styles, or one style index
+
+    def __post_init__(self) -> None:
+        at_least(self, rank=1, mc_samples=1)
+        check_config("eps", self.eps > 0, "a positive number", self.eps)
+        check_config("mc_samples", self.mc_samples % 2 == 0, "an even number (its samples are antithetic pairs)",
+                     self.mc_samples)
 
 
 @register_method("c_ssn")

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
 from amisbench.registry import register_method
 
@@ -67,6 +67,12 @@ class CCDMConfig:
     votes: int = 1  # chains per returned sample, combined by last_step (eval_cdm.py predict_multiple, evaluations)
     sample_chunk: int = 256  # most (image, sample) chains per network batch (0: all at once); memory only
     channels_last: bool = False  # NHWC layout (speed only)
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, steps=1, votes=1, sample_steps=0, classes=2)
+        check_config("votes", self.last_step != "sample" or self.votes == 1,
+                     "1 with last_step sample (more votes need last_step confidence or majority)", self.votes)
 
 
 def cosine_alpha_bar(steps: int, s: float = 0.008) -> Tensor:
@@ -138,11 +144,6 @@ class CCDM(Method):
 
     def __init__(self, cfg: CCDMConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if cfg.steps < 1 or cfg.sample_steps < 0 or cfg.classes < 2 or cfg.votes < 1:
-            raise ValueError("steps and votes must be at least 1, sample_steps non-negative and classes at least 2")
-        if cfg.last_step == "sample" and cfg.votes > 1:
-            raise ValueError("votes > 1 needs last_step confidence or majority")
         self.net = OpenAIUNet(cfg.classes + spec.channels, cfg.classes, cfg.net)
         if cfg.channels_last:
             self.net.to(memory_format=torch.channels_last)

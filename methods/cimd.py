@@ -51,12 +51,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
-from amisbench.errors import UserError
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.nn.openai_unet import OpenAIUNet, OpenAIUNetConfig
 from amisbench.registry import register_method
 
-from ._blocks import check_chunk, chunks, kl_diag_gaussians, pick_reader
+from ._blocks import check_chunk, kl_diag_gaussians, pick_reader, sample_in_chunks
 from ._diffusion import linear_alpha_bar
 from .prob_unet import AxisAlignedConvGaussian
 
@@ -196,23 +195,25 @@ class CIMDConfig:
     threshold: float = 0.5  # on the final {0,1}-coded sample
     sample_chunk: int = 64  # most chains per denoiser batch (0: all at once); memory only
 
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, steps=2, sample_steps=0, latent_dim=1, image_repeat=1)
+        check_config("sampler", self.sampler in ("ancestral", "ddim"), "'ancestral' or 'ddim'", self.sampler)
+        check_config("ddim_eta", self.ddim_eta >= 0, "a non-negative number", self.ddim_eta)
+
 
 @register_method("cimd")
 class CIMD(Method):
-    """CIMD: guided-diffusion denoiser on {0,1} masks, hybrid loss + KL/1000 prior term (Rahman et al. 2023)."""
+    """CIMD: guided-diffusion denoiser on {0,1} masks, hybrid loss + KL/1000 prior term (Rahman et al. 2023).
+
+    Only the denoiser trains unless ``train_encoders`` (the release's optimiser holds the denoiser alone).
+    """
 
     Config = CIMDConfig
     stages = ("main",)
 
     def __init__(self, cfg: CIMDConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if cfg.steps < 2 or cfg.sample_steps < 0 or cfg.latent_dim < 1 or cfg.image_repeat < 1:
-            raise UserError("method: steps must be at least 2, latent_dim and image_repeat at least 1 and "
-                            "sample_steps non-negative")
-        if cfg.sampler not in ("ancestral", "ddim") or cfg.ddim_eta < 0:
-            raise UserError(f"method.sampler: expected 'ancestral' or 'ddim' (with ddim_eta >= 0), got "
-                            f"{cfg.sampler!r} (ddim_eta {cfg.ddim_eta})")
         enc = tuple(cfg.encoder_widths)
         c = spec.channels
         self.net = OpenAIUNet(cfg.image_repeat * c + 1, 2 if cfg.learn_sigma else 1, cfg.unet)
@@ -275,11 +276,9 @@ class CIMD(Method):
         b, _, h, w = images.shape
         dev, dt = images.device, images.dtype
         diff = self.diffusion(self.cfg.sample_steps)
-        out = torch.empty((b, n, h, w), dtype=torch.bool, device=dev)
-        flat = out.view(b * n, h, w)
-        for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
-            m = s1 - s0
-            img = images[torch.arange(s0, s1, device=dev) // n]
+
+        def draw(owner: Tensor) -> Tensor:
+            m, img = len(owner), images[owner]
             x = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
             for k in range(len(diff.use) - 1, -1, -1):
                 kk = torch.full((m,), k, device=dev, dtype=torch.long)
@@ -294,8 +293,9 @@ class CIMD(Method):
                 else:
                     noise = torch.randn((m, 1, h, w), generator=generator, device=dev, dtype=dt)
                     x = mean + std * noise
-            flat[s0:s1] = x[:, 0] > self.cfg.threshold
-        return out
+            return x[:, 0] > self.cfg.threshold
+
+        return sample_in_chunks(images, n, self.cfg.sample_chunk, draw)
 
     def nfe(self, n: int) -> int:
         return n * len(space_timesteps(self.cfg.steps, self.cfg.sample_steps))

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.errors import UserError
 from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
@@ -77,6 +77,12 @@ class MoSEConfig:
     iou_eps: float = 1.0  # OTloss.py: (intersection + 1) / (union + 1)
     eval_weights: Literal["gate", "uniform"] = "gate"
     sample_chunk: int = 256  # most (image, sample) pairs per injector batch (0: all at once); memory only
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, experts=1, latent_dim=1, samples_per_expert=1, fcomb_depth=1)
+        for key in ("gamma0", "gamma_after"):
+            check_config(key, 0 < getattr(self, key) <= 1, "a value in (0, 1]", getattr(self, key))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,12 +199,6 @@ class MoSE(Method):
 
     def __init__(self, cfg: MoSEConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if min(cfg.experts, cfg.latent_dim, cfg.samples_per_expert, cfg.fcomb_depth) < 1:
-            raise UserError("method: experts, latent_dim, samples_per_expert and fcomb_depth must be at least 1")
-        if not 0 < cfg.gamma0 <= 1 or not 0 < cfg.gamma_after <= 1:
-            raise UserError(f"method.gamma0 / gamma_after: expected values in (0, 1], got {cfg.gamma0}, "
-                            f"{cfg.gamma_after}")
         k, lat = cfg.experts, cfg.latent_dim
         self.mu = nn.Parameter(self._mu_init(k, lat))
         self.log_sigma = nn.Parameter(torch.full((k, lat), math.log(1 / 8)))

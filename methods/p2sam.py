@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least
 from amisbench.errors import UserError
 from amisbench.nn.sam import SAM, SAMConfig, load_sam_checkpoint
 from amisbench.registry import register_method
@@ -70,6 +70,10 @@ class P2SAMConfig:
     focal_gamma: float = 2.0
     l2_weight: float = 1e-5  # release: reg_weight
     sample_chunk: int = 256  # most (image, sample) pairs per mask-decoder batch (0: all at once); memory only
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, masks=1, latent_dim=1, lora_rank=0)
 
 
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -114,18 +118,19 @@ class Fcomb(nn.Module):
 
 @register_method("p2sam")
 class P2SAM(Method):
-    """P2SAM: LoRA-adapted SAM with weighted multimask outputs, prompted by a learnt Gaussian prior."""
+    """P2SAM: LoRA-adapted SAM with weighted multimask outputs, prompted by a learnt Gaussian prior.
+
+    Stage ``adapt`` trains SAM's LoRA (or whole encoder), prompt encoder, mask decoder and mask weights; stage
+    ``prompt`` freezes them and trains the prior and the prompt combiner.
+    """
 
     Config = P2SAMConfig
     stages = ("adapt", "prompt")
 
     def __init__(self, cfg: P2SAMConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
         if spec.height != spec.width:
             raise UserError(f"p2sam needs square images; dataset {spec.name!r} has {spec.height}x{spec.width}")
-        if cfg.masks < 1 or cfg.latent_dim < 1 or cfg.lora_rank < 0:
-            raise UserError("method.masks and method.latent_dim must be at least 1, method.lora_rank at least 0")
         # on the meta device (`amisbench methods --verbose` counting parameters) no weights are needed
         load = cfg.sam_init == "checkpoint" and not torch.empty(0).is_meta
         if load and not cfg.sam_checkpoint:

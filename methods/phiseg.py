@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, check_config
 from amisbench.registry import register_method
 
-from ._blocks import check_chunk, chunks, conv_unit, kl_diag_gaussians, one_hot, pick_reader
+from ._blocks import check_chunk, conv_unit, kl_diag_gaussians, one_hot, pick_reader, sample_in_chunks
 
 
 @dataclass
@@ -59,6 +59,11 @@ class PHiSegConfig:
     rec_weight: float = 1.0  # residual_multinoulli_loss_weight
     kl_eps: float = 1e-10  # added to the variances in the KL, as in KL_two_gauss_with_diag_cov
     sample_chunk: int = 256  # most (image, sample) pairs per batch when sampling (0: all); memory only
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        check_config("latent_levels", 1 <= self.latent_levels <= len(self.widths),
+                     f"a level between 1 and len(widths) = {len(self.widths)}", self.latent_levels)
 
 
 def _up() -> nn.Module:
@@ -172,11 +177,7 @@ class PHiSeg(Method):
 
     def __init__(self, cfg: PHiSegConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
         widths = tuple(cfg.widths)
-        if not 1 <= cfg.latent_levels <= len(widths):
-            raise ValueError(f"latent_levels must be between 1 and len(widths) = {len(widths)}, "
-                             f"got {cfg.latent_levels}")
         factor = 2 ** (len(widths) - 1)
         if spec.height % factor or spec.width % factor:
             raise ValueError(f"PHiSeg with {len(widths)} resolution levels needs image sides divisible by {factor}")
@@ -226,18 +227,15 @@ class PHiSeg(Method):
         b, _, h, w = images.shape
         d = len(self.cfg.widths) - self.cfg.latent_levels
         pre = self.prior_enc(images)  # once per image; the latent part uses resolution levels d..R-1 only
-        out = torch.empty((b, n, h, w), dtype=torch.bool, device=images.device)
-        flat = out.view(b * n, h, w)
 
         def noise(i, shape):
             return torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
 
-        for s0, s1 in chunks(b * n, self.cfg.sample_chunk):
-            owner = torch.arange(s0, s1, device=images.device) // n  # image of every (image, sample) pair
+        def draw(owner: Tensor) -> Tensor:  # owner: the image of every (image, sample) pair of the chunk
             _, _, zs = self.prior_z([p[owner] if k >= d else None for k, p in enumerate(pre)], noise)
-            logits = self.accumulate(self.likelihood(zs), (h, w))[0]
-            flat[s0:s1] = logits.argmax(1) == 1
-        return out
+            return self.accumulate(self.likelihood(zs), (h, w))[0].argmax(1) == 1
+
+        return sample_in_chunks(images, n, self.cfg.sample_chunk, draw)
 
     def nfe(self, n: int) -> int:
         return n  # the likelihood net (and the prior's latent part) runs once per sample

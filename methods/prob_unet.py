@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least
 from amisbench.nn import UNet, UNetConfig
 from amisbench.registry import register_method
 
@@ -61,6 +61,10 @@ class ProbUNetConfig:
     l2_weight: float = 1e-5  # release: regularizarion_weight = 1e-5 on sum(w^2)/2
     classes: int = 1  # 1: one logit per pixel, BCE (the PyTorch port); 2: softmax over 2 classes (Kohl's release)
     sample_chunk: int = 1024  # most (image, sample) pairs per f_comb batch (0: all at once); memory only
+
+    def __post_init__(self) -> None:
+        check_chunk(self.sample_chunk)
+        at_least(self, latent_dim=1, fcomb_convs=1, classes=1)
 
 
 class AxisAlignedConvGaussian(nn.Module):
@@ -95,9 +99,6 @@ class ProbUNet(Method):
 
     def __init__(self, cfg: ProbUNetConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        check_chunk(cfg.sample_chunk)
-        if cfg.latent_dim < 1 or cfg.fcomb_convs < 1 or cfg.classes < 1:
-            raise ValueError("latent_dim, fcomb_convs and classes must be at least 1")
         enc_widths = tuple(cfg.encoder_widths) or tuple(cfg.unet.widths)
         self.unet = UNet(spec.channels, 0, cfg.unet)
         self.prior = AxisAlignedConvGaussian(spec.channels, enc_widths, cfg.encoder_convs, cfg.latent_dim)

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.nn import LowRankHead, UNet, UNetConfig, mc_log_likelihood
 from amisbench.registry import register_method
 from ._blocks import pick_reader
@@ -44,10 +44,19 @@ class SSNConfig:
     eps: float = 1e-5
     likelihood: Literal["logmeanexp", "mean_nll"] = "logmeanexp"
 
+    def __post_init__(self) -> None:
+        at_least(self, rank=1, mc_samples=1)
+        check_config("eps", self.eps > 0, "a positive number", self.eps)
+        check_config("mc_samples", not (self.antithetic and self.mc_samples % 2),
+                     "an even number (antithetic sampling draws pairs)", self.mc_samples)
+
 
 @register_method("ssn")
 class SSN(Method):
-    """Stochastic Segmentation Network: U-Net + low-rank Gaussian over logits (Monteiro et al. 2020)."""
+    """Stochastic Segmentation Network: U-Net + low-rank Gaussian over logits (Monteiro et al. 2020).
+
+    A sample is one draw of the logits' Gaussian: foreground where the drawn logit is positive.
+    """
 
     Config = SSNConfig
     stages = ("main",)

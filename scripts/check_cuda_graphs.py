@@ -15,7 +15,8 @@ import time
 import torch
 
 from amisbench.config import resolve
-from amisbench.registry import DATASETS, METHODS
+from amisbench.factory import build_method
+from amisbench.registry import DATASETS
 
 
 def main() -> int:
@@ -23,10 +24,7 @@ def main() -> int:
     res = resolve("atfm", "synthetic", "paper")
     ds = DATASETS.get("synthetic")(res.cfg.dataset, "test")
     torch.manual_seed(0)
-    model = METHODS.get("atfm")(res.cfg.method, ds.spec).to(dev)
-    for stage in model.stages:
-        model.on_stage_start(stage)
-    model.eval()
+    model = build_method(res, ds.spec, device=dev, sampling=True)
     image = ds[0]["image"][None].to(dev)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(dev)}; ST-Net "
           f"{sum(p.numel() for p in model.st_net.parameters()):,} parameters, attention {model.cfg.attention}, "

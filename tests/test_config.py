@@ -97,3 +97,34 @@ def test_resolved_config_is_saved_with_the_run(tmp_path):
     assert saved["method"]["unet"]["widths"] == [8, 16]
     assert saved["method_name"] == "ssn" and saved["profile"] == "smoke"
     assert any(s.startswith("--set") for s in saved["sources"])
+
+
+@pytest.mark.parametrize("method, sets, message", [
+    ("analog_bits", ["method.self_cond_prob=2"], "method.self_cond_prob: expected a probability in [0, 1], got 2.0"),
+    ("atfm", ["method.steps=0"], "method.steps: expected at least 1, got 0"),
+    ("atfm", ["method.mc_samples=3"], "method.mc_samples: expected an even number"),
+    ("atfm", ["method.sample_chunk=-1"], "method.sample_chunk: expected 0 (no chunking) or a positive count, got -1"),
+    ("c_prob_unet", ["method.fcomb_convs=1"], "method.fcomb_convs: expected at least 2, got 1"),
+    ("c_ssn", ["method.mc_samples=5"], "method.mc_samples: expected an even number"),
+    ("ccdm", ["method.votes=3", "method.last_step=sample"], "method.votes: expected 1 with last_step sample"),
+    ("ccdm", ["method.classes=1"], "method.classes: expected at least 2, got 1"),
+    ("cimd", ["method.steps=1"], "method.steps: expected at least 2, got 1"),
+    ("mose", ["method.gamma0=0"], "method.gamma0: expected a value in (0, 1], got 0.0"),
+    ("p2sam", ["method.lora_rank=-1"], "method.lora_rank: expected at least 0, got -1"),
+    ("phiseg", ["method.latent_levels=9"], "method.latent_levels: expected a level between 1 and len(widths)"),
+    ("prob_unet", ["method.latent_dim=0"], "method.latent_dim: expected at least 1, got 0"),
+    ("ssn", ["method.rank=0"], "method.rank: expected at least 1, got 0"),
+    ("ssn", ["method.eps=0"], "method.eps: expected a positive number, got 0.0"),
+])
+def test_a_bad_method_value_is_refused_before_anything_runs(tmp_path, capsys, method, sets, message):
+    """Each method's Config.__post_init__ rules, applied by the resolver to the final values: one sentence
+    naming the key, exit 2, nothing written (the model is never built)."""
+    argv = ["run", "--method", method, "--dataset", "synthetic", "--profile", "smoke", "--results", str(tmp_path / "r")]
+    for s in sets:
+        argv += ["--set", s]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amisbench run: error: " + message) and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match=message.split(":")[0]):  # a Config built in code is checked alike
+        resolve(method, "synthetic", "smoke", sets=sets)

@@ -12,6 +12,7 @@ from torch import nn
 from amisbench import metrics as M
 from amisbench.api import SampleContext
 from amisbench.config import EvalConfig
+from amisbench.errors import SampleError
 from amisbench.evaluate import PARTIAL, evaluate, sample_items
 from amisbench.seeding import derive_seed, generator
 
@@ -166,7 +167,7 @@ class Wrong(nn.Module):
 ])
 def test_sample_items_names_what_sample_returned(out, text):
     images = torch.zeros(2, 1, 4, 4)
-    with pytest.raises(RuntimeError, match=text):
+    with pytest.raises(SampleError, match=text):  # typed: the runner fails the run by this type, not the words
         sample_items(Wrong(out), ToyData(2), [0, 1], images, 3, generator=None)
 
 

@@ -15,7 +15,8 @@ from amisbench.api import Method
 from amisbench.errors import UserError
 from amisbench.metrics import ged, hm_iou
 from amisbench.registry import DATASETS, METHODS
-from amisbench.runner import load_trained, run
+from amisbench.factory import load_trained
+from amisbench.runner import run
 
 
 @dataclass

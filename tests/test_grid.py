@@ -1,5 +1,6 @@
 """`amisbench grid`: expansion, skipping finished runs, the print / local / slurm launchers (and submitit)."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -15,22 +16,23 @@ import yaml
 from amisbench import cli, grid
 from amisbench.errors import UserError
 from amisbench.registry import METHODS, PLUGINS_ENV
-from amisbench.runner import RunSpec, prepare
+from amisbench.runner import prepare
+from amisbench.store import RunSpec
 
 PLUGINS = Path(__file__).parent / "plugins"
 
 
 def test_expand_methods_variants_seeds_and_sweeps(tmp_path):
     jobs = grid.expand(["ssn", "atfm-act_gtr"], ["synthetic"], 2, profile="smoke", results=tmp_path)
-    assert [(j.label, j.seed) for j in jobs] == [("ssn", 0), ("ssn", 1), ("atfm-act_gtr", 0), ("atfm-act_gtr", 1)]
+    assert [(j.spec.label, j.spec.seed) for j in jobs] == [("ssn", 0), ("ssn", 1), ("atfm-act_gtr", 0), ("atfm-act_gtr", 1)]
     assert jobs[2].line() == (f"amisbench run --method atfm --dataset synthetic --seed 0 --profile smoke "
                               f"--variant act_gtr --results {tmp_path}")
     assert jobs[0].folder == tmp_path / "runs/synthetic/ssn/smoke/seed-0" and not any(j.done for j in jobs)
     sw = grid.expand(["ssn"], ["synthetic"], 1, profile="smoke", results=tmp_path, sets=["train.main.steps=2"],
                      sweeps=["method.rank=2,4"])
-    assert [j.results for j in sw] == [str(tmp_path / "sweeps" / "method.rank=2"),
-                                       str(tmp_path / "sweeps" / "method.rank=4")]
-    assert sw[1].sets == ["train.main.steps=2", "method.rank=4"] and sw[1].name.endswith("__method.rank=4")
+    assert [j.spec.results for j in sw] == [tmp_path / "sweeps" / "method.rank=2",
+                                            tmp_path / "sweeps" / "method.rank=4"]
+    assert sw[1].spec.sets == ["train.main.steps=2", "method.rank=4"] and sw[1].name.endswith("__method.rank=4")
     with pytest.raises(UserError, match="unknown method 'nope'"):
         grid.expand(["nope"], ["synthetic"], 1, results=tmp_path)
     with pytest.raises(UserError, match="unknown variant 'x'"):
@@ -42,9 +44,9 @@ def test_expand_methods_variants_seeds_and_sweeps(tmp_path):
 def test_a_set_scoped_to_one_method_reaches_only_its_jobs(tmp_path):
     jobs = grid.expand(["ssn", "p2sam"], ["synthetic"], 1, profile="paper", results=tmp_path,
                        sets=["eval.max_images=4", "p2sam:method.sam_checkpoint=/w/sam.pth", "ssn:method.rank=5"])
-    by = {j.method: j for j in jobs}
-    assert by["ssn"].sets == ["eval.max_images=4", "method.rank=5"]
-    assert by["p2sam"].sets == ["eval.max_images=4", "method.sam_checkpoint=/w/sam.pth"]
+    by = {j.spec.method: j for j in jobs}
+    assert by["ssn"].spec.sets == ["eval.max_images=4", "method.rank=5"]
+    assert by["p2sam"].spec.sets == ["eval.max_images=4", "method.sam_checkpoint=/w/sam.pth"]
     assert "--set method.sam_checkpoint=/w/sam.pth" in by["p2sam"].line() and "sam_checkpoint" not in by["ssn"].line()
     with pytest.raises(UserError, match="--set atfm:method.steps=3: method 'atfm' is not in this grid"):
         grid.expand(["ssn"], ["synthetic"], 1, results=tmp_path, sets=["atfm:method.steps=3"])
@@ -159,7 +161,7 @@ def test_local_failures_are_listed_with_a_nonzero_exit(tmp_path, capsys):
     # a stand-in command that fails for seed 1 only
     code = "import sys; sys.exit(3 if sys.argv[sys.argv.index('--seed') + 1] == '1' else 0)"
     done = grid.run_local(jobs, workers=2, log_dir=tmp_path / "logs", prefix=[sys.executable, "-c", code])
-    assert sorted((j.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 3), (2, 0)]
+    assert sorted((j.spec.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 3), (2, 0)]
     assert grid._summary(done, skipped=0) == 1
     err = capsys.readouterr().err
     assert "2 run(s) done, 0 skipped (finished), 1 failed" in err
@@ -236,7 +238,7 @@ def test_submitit_local_executor(tmp_path, capsys):
             f"pathlib.Path({str(tmp_path)!r}, 'ran-' + s).write_text(' '.join(sys.argv[1:])); sys.exit(int(s) * 5)")
     done = grid.run_submitit(jobs, folder=tmp_path / "submitit", cluster="local", timeout_min=5,
                              prefix=[sys.executable, "-c", code])
-    assert sorted((j.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 5)]
+    assert sorted((j.spec.seed, rc) for j, rc, _ in done) == [(0, 0), (1, 5)]
     assert (tmp_path / "ran-0").read_text().startswith("run --method ssn --dataset synthetic --seed 0")
     assert grid._summary(done, 0) == 1
 
@@ -301,3 +303,28 @@ def test_unknown_grid_name_lists_the_shipped_ones(tmp_path, capsys):
     assert cli.main(["grid", "--grid", "nope", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--grid nope: no such file and no configs/grids/nope.yaml; known: quick_synthetic, reference, table1_paper" in err
+
+
+def test_a_job_is_its_run_spec_rendered_once_and_parsed_back_the_same(tmp_path):
+    """The argument list of a job, read by ``amisbench run``'s parser, is the job's RunSpec again (a data
+    folder named like YAML stays a folder name; it never becomes a --set string)."""
+    jobs = grid.expand(["ssn-flips"], ["lidc"], 2, profile="smoke", results=tmp_path, protocol="atfm-paper",
+                       data_root="lidc: v2", sets=["train.main.steps=2"], sweeps=["method.rank=2,4"])
+    assert len(jobs) == 4
+    for job in jobs:
+        argv = job.args()
+        assert "--data-root" in argv and not any(a.startswith("dataset.") for a in argv)
+        specs, _, _ = cli.run_specs(cli.build_parser().parse_args(argv))
+        assert specs == [dataclasses.replace(job.spec, set_labels=["--set"] * len(job.spec.sets))]
+        assert job.folder == job.spec.path(job.spec.results)
+
+
+def test_a_grid_with_a_bad_method_value_launches_nothing(tmp_path, capsys):
+    """The method's config rules run for every job while the grid expands: exit 2, one sentence, no jobs file,
+    no log, no run folder (here with the slurm launcher, which would write jobs.json and grid.sbatch)."""
+    rc = cli.main(["grid", "--method", "ssn,atfm", "--dataset", "synthetic", "--profile", "smoke", "--launcher", "slurm",
+                   "--set", "atfm:method.mc_samples=3", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == ("amisbench grid: error: method.mc_samples: expected an even number (antithetic sampling "
+                               "draws pairs), got 3\n")
+    assert not any(tmp_path.iterdir())

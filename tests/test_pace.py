@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from amisbench import cli, pace
-from amisbench.runner import Reporter, RunSpec, run_spec
+from amisbench.progress import Reporter
+from amisbench.runner import run_spec
+from amisbench.store import RunSpec
 
 
 @pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.2, 1), (2, 9.0, 1),

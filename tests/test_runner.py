@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_nan_guard_stops_with_a_clear_message(tmp_path, capsys):
 def test_interrupted_evaluation_resumes_at_the_next_batch(tmp_path):
     from amisbench.config import EvalConfig
     from amisbench.evaluate import PARTIAL, evaluate
-    from amisbench.runner import load_trained
+    from amisbench.factory import load_trained
 
     folder = run("ssn", "synthetic", results=tmp_path, **SMOKE)
     model, ds, res = load_trained(folder)
@@ -321,3 +322,47 @@ def test_tensorboard_without_the_package_is_one_sentence_and_nothing_written(tmp
     err = capsys.readouterr().err
     assert "train.logger: tensorboard needs the tensorboard package: pip install 'amisbench[tensorboard]'" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_method_returning_bad_samples_fails_the_run_by_its_error_type(tmp_path, monkeypatch, capsys):
+    from amisbench.errors import SampleError
+    from amisbench.registry import METHODS
+
+    ssn = METHODS.get("ssn")
+    monkeypatch.setattr(ssn, "sample", lambda self, images, n, **kw: torch.zeros(len(images), n, 3, 3))
+    rc = cli.main(["run", "--method", "ssn", "--dataset", "synthetic", "--profile", "smoke", "--quiet",
+                   "--no-estimate", "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "amisbench run: failed: SSN.sample returned torch.float32" in err and "Traceback" not in err
+    assert not (tmp_path / "runs/synthetic/ssn/smoke/seed-0/run.json").exists()
+
+    def broken(self, images, n, **kw):  # the same words from a bug inside sample are not a failed run
+        raise RuntimeError("sample returned nothing")
+
+    monkeypatch.setattr(ssn, "sample", broken)
+    with pytest.raises(RuntimeError, match="sample returned nothing") as e:
+        run("ssn", "synthetic", results=tmp_path / "b", **SMOKE)
+    assert not isinstance(e.value, SampleError)
+
+
+@pytest.mark.parametrize("name", ["2024", "lidc: v2"])
+def test_data_root_is_a_folder_name_never_yaml(tmp_path, monkeypatch, capsys, name):
+    """``--data-root 2024`` (a number to YAML) and ``lidc: v2`` (a mapping to YAML) are folder names."""
+    import data_formats as F
+    import yaml
+
+    from amisbench.datasets._prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    src = F.write_lidc_pickle(tmp_path / "data_lidc.pickle", F.make_lidc_entries(n_scans=10, slices=3))
+    prepare("lidc", src, tmp_path / name, show_progress=False)
+    argv = ["run", "--method", "unet", "--dataset", "lidc", "--profile", "smoke", "--quiet", "--no-estimate",
+            "--data-root", name, "--protocol", "clean", "--results", "res", "--set", "train.main.steps=1"]
+    assert cli.main([*argv, "--print-config"]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(rf"dataset.root: '{name}' +# --data-root", shown)
+    assert cli.main(argv) == 0
+    saved = yaml.safe_load((tmp_path / "res/runs/lidc/unet/smoke/seed-0/config.yaml").read_text())
+    assert saved["dataset"]["root"] == name and "--data-root " + name in saved["sources"]
+    assert cli.main([*argv, "--data-root", "2025", "--results", "other"]) == 2  # missing: named, not parsed
+    assert "2025" in capsys.readouterr().err and not (tmp_path / "other").exists()

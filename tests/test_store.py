@@ -1,12 +1,14 @@
-"""The results store (amisbench/store.py): the run folder layout, JSON/YAML/checkpoint round trips, the
-one-sentence errors of damaged results files and of output places that cannot be written, and the clean-up of
-temporaries. (Damaged checkpoints, full disks and locks under load: tests/reliability.)"""
+"""The results store (amisbench/store.py): the run identity (RunSpec: label, folder, label parser), the run
+folder layout, JSON/YAML/checkpoint round trips, the one-sentence errors of damaged results files and of output
+places that cannot be written, and the clean-up of temporaries. (Damaged checkpoints, full disks and locks under
+load: tests/reliability.)"""
 
 import errno
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +16,13 @@ import yaml
 
 from amisbench import store
 from amisbench.errors import UserError
+from amisbench.runner import prepare
+from amisbench.store import RunSpec
 
 
 def test_run_dir_layout(tmp_path):
-    assert store.run_dir(tmp_path, "lidc", "atfm", "paper", 2) == tmp_path / "runs/lidc/atfm/paper/seed-2"
-    assert (store.run_dir(tmp_path, "lidc", "atfm", "paper", 0, variant="act_gtr", protocol="leaky", tag="lr3")
+    assert store.RunSpec("atfm", "lidc", 2, "paper").path(tmp_path) == tmp_path / "runs/lidc/atfm/paper/seed-2"
+    assert (store.RunSpec("atfm", "lidc", 0, "paper", "act_gtr", protocol="leaky", tag="lr3").path(tmp_path)
             == tmp_path / "runs/lidc-leaky/atfm-act_gtr+lr3/paper/seed-0")
     assert store.lock_path(tmp_path / "x" / "seed-0") == tmp_path / "x" / ".seed-0.lock"
 
@@ -128,3 +132,28 @@ def test_clean_temporaries_removes_only_the_writers_leftovers(tmp_path):
     assert sorted(store.clean_temporaries(tmp_path)) == sorted(left)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in left)
     assert store.clean_temporaries(tmp_path / "absent") == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run identity
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, label, folder", [
+    (RunSpec("ssn", "synthetic"), "ssn", "runs/synthetic/ssn/quick/seed-0"),
+    (RunSpec("atfm", "lidc", 2, "paper", "act_gtr", protocol="atfm-paper"), "atfm-act_gtr",
+     "runs/lidc-atfm-paper/atfm-act_gtr/paper/seed-2"),
+    (RunSpec("prob_unet", "isic3", 1, "smoke", tag="lr3e-4"), "prob_unet+lr3e-4", "runs/isic3/prob_unet+lr3e-4/smoke/seed-1"),
+    (RunSpec("c_ssn", "isic3", 0, "smoke", "a-b", tag="x=1,y-2"), "c_ssn-a-b+x=1,y-2",
+     "runs/isic3/c_ssn-a-b+x=1,y-2/smoke/seed-0"),
+])
+def test_label_path_and_parse_round_trip(spec, label, folder):
+    assert spec.label == label
+    assert spec.path("res") == Path("res") / folder
+    assert RunSpec.parse_label(label) == (spec.method, spec.variant, spec.tag)
+
+
+def test_prepare_names_the_folder_of_the_spec_with_the_resolved_protocol(tmp_path):
+    # a protocol equal to the dataset's default is left out of the folder name, as before
+    res, folder = prepare(RunSpec("ssn", "synthetic", 3, "smoke", "flips", results=tmp_path, tag="t1"))
+    assert folder == RunSpec("ssn", "synthetic", 3, "smoke", "flips", tag="t1").path(tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -185,6 +185,16 @@ def test_train_steps_per_second_of_every_stage(capsys):
         timing.time_training("ssn", "synthetic", profile="smoke", steps=0)
 
 
+def test_a_method_returning_bad_samples_fails_timing_with_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(METHODS.get("ssn"), "sample", lambda self, images, n, **kw: torch.zeros(len(images), n, 2, 2))
+    rc = cli.main(["timing", "--method", "ssn", "--dataset", "synthetic", "--profile", "smoke", "--untrained",
+                   "--images", "1", "--samples", "2", "--warmup", "0", "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == ("amisbench timing: failed: SSN.sample returned torch.float32 (1, 2, 2, 2); expected "
+                               "torch.bool (1, 2, 32, 32)\n")
+    assert not (tmp_path / "timing").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # `amisbench timing` on CPU: the peak memory of each method is its own (one process per method).
 # ---------------------------------------------------------------------------------------------------

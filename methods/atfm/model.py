@@ -74,7 +74,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from amisbench.api import DataSpec, Method
+from amisbench.api import DataSpec, Method, at_least, check_config
 from amisbench.errors import UserError
 from amisbench.nn import UNetConfig
 from amisbench.registry import register_method
@@ -132,24 +132,27 @@ class ATFMConfig:
     attention: Literal["sdpa", "einsum"] = "sdpa"  # bottleneck attention: fused kernel, or as released (einsum)
     cuda_graphs: bool = False  # replay the fixed-shape Euler loop of a chunk as one CUDA graph (CUDA only)
 
+    def __post_init__(self) -> None:
+        at_least(self, steps=1, timesteps=1)
+        check_config("mc_samples", not (self.antithetic and self.mc_samples % 2),
+                     "an even number (antithetic sampling draws pairs)", self.mc_samples)
+        if self.sample_chunk != "auto":
+            check_chunk(self.sample_chunk)
+
 
 @register_method("atfm")
 class ATFM(Method):
-    """Ambiguity-aware Truncated Flow Matching: GTR truncation distribution + Segmentation Flow Matching."""
+    """Ambiguity-aware Truncated Flow Matching: GTR truncation distribution + Segmentation Flow Matching.
+
+    Stage ``gtr`` trains the GTR (a low-rank Gaussian over logits); stage ``sfm`` freezes it and trains the
+    ST-Net flow from its samples to the masks.
+    """
 
     Config = ATFMConfig
     stages = ("gtr", "sfm")
 
     def __init__(self, cfg: ATFMConfig, spec: DataSpec):
         super().__init__(cfg, spec)
-        if cfg.steps < 1:
-            raise UserError(f"method.steps: expected at least 1 sampling step, got {cfg.steps}")
-        if cfg.antithetic and cfg.mc_samples % 2:
-            raise UserError(f"method.mc_samples: antithetic sampling needs an even number, got {cfg.mc_samples}")
-        if cfg.timesteps < 1:
-            raise UserError(f"method.timesteps: expected T = 1 / lambda >= 1, got {cfg.timesteps}")
-        if cfg.sample_chunk != "auto":
-            check_chunk(cfg.sample_chunk)
         if cfg.cond == "grey" and spec.channels != 3:
             raise UserError(f"method.cond: 'grey' needs RGB images, {spec.name or 'the dataset'} has "
                             f"{spec.channels} channel(s); use cond: image")

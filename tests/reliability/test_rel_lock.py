@@ -16,7 +16,8 @@ import pytest
 from amisbench import store
 from amisbench.errors import UserError
 from amisbench.grid import Job, expand, run_local
-from amisbench.runner import RunSpec, prepare
+from amisbench.runner import prepare
+from amisbench.store import RunSpec
 from rel_helpers import RUN_FOLDER, SMOKE_RUN, assert_refused, call, snapshot
 
 HOLDER = """
@@ -90,7 +91,7 @@ with open(log, "a") as f:
 def test_local_launcher_runs_jobs_of_one_folder_one_after_the_other(tmp_path):
     log = tmp_path / "events.txt"
     folder = tmp_path / "res" / RUN_FOLDER
-    jobs = [Job("ssn", "synthetic", 0, "smoke", folder=folder, sets=[f"train.main.steps={k}"]) for k in (1, 2)]
+    jobs = [Job(RunSpec("ssn", "synthetic", 0, "smoke", sets=[f"train.main.steps={k}"]), folder=folder) for k in (1, 2)]
     prefix = [sys.executable, "-c", RECORDER, str(log)]
     done = run_local(jobs, workers=2, log_dir=tmp_path / "logs", prefix=prefix, out=open(os.devnull, "w"))
     assert [rc for _, rc, _ in done] == [0, 0]
