@@ -15,8 +15,8 @@ from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
 #: ``CLI_HELP``), so that the table, timing, figures and grid tools grow without edits here.
-COMMAND_MODULES = {"table": "amisbench.tables", "timing": "amisbench.timing", "figures": "amisbench.figures", "grid": "amisbench.grid",
-                   "report": "amisbench.report"}
+COMMAND_MODULES = {"table": "amisbench.report.tables", "timing": "amisbench.report.timing", "figures": "amisbench.report.figures", "grid": "amisbench.grid",
+                   "report": "amisbench.report.page"}
 
 EPILOG = "Exit codes: 0 success, 2 usage or input error, 1 a run that failed. Docs: README.md."
 

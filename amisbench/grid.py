@@ -500,7 +500,7 @@ def table_grid(table: str | None, method: str | None, dataset: str | None) -> tu
             raise UserError("give --method and --dataset, or --table N (the runs of a table of the paper)")
         return _split_list(method, "--method"), _split_list(dataset, "--dataset")
     from .registry import METHODS
-    from .tables import load_definitions
+    from .report.tables import load_definitions
 
     defs = load_definitions()
     if table not in defs:

@@ -16,7 +16,7 @@ import yaml
 
 from amisbench import cli
 from amisbench.errors import UserError
-from amisbench.tables import (build, build_table, load_definitions, paper_numbers, to_csv, to_latex,
+from amisbench.report.tables import (build, build_table, load_definitions, paper_numbers, to_csv, to_latex,
                               to_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]

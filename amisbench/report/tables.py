@@ -9,7 +9,7 @@ Two modes:
   (rows, columns, the paper's reported numbers from ``configs/paper/atfm_tables.yaml``). Every row of the
   definition is printed; a method without finished runs shows "not run" and the paper's number.
   ``--compare-paper`` puts our value, the paper's and their difference side by side. Table 3 is read from
-  the timing results (``results/timing/<device>/<dataset>__<method>.json``, see :mod:`amisbench.timing`).
+  the timing results (``results/timing/<device>/<dataset>__<method>.json``, see :mod:`amisbench.report.timing`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
-from .store import TIMING
+from ..errors import UserError
+from ..store import TIMING
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,7 +61,7 @@ class Table:
         spread: "std" (mean ± std) or "iqr" (median with the interquartile range).
         count_label: what n counts ("seeds" or "images").
         marks: (row, column) -> a mark after our number (e.g. "†": worse than the best row, see
-            :mod:`amisbench.stats`).
+            :mod:`amisbench.report.stats`).
         number: the table's id ("1" for Table 1 of configs/tables.yaml; None for a table of all runs).
         references: reference rows (e.g. ``unet``, ``oracle``): listed last, set apart, never bold.
     """
@@ -92,7 +92,7 @@ class Table:
         """higher_is_better of a column: the table's own setting, else the metric metadata, else None."""
         if col in self.directions:
             return self.directions[col]
-        from .metrics import metric_info
+        from ..metrics import metric_info
 
         try:
             return metric_info(col).higher_is_better
@@ -257,7 +257,7 @@ def _repo_root() -> Path:
 
 
 def _packaged(*parts: str) -> Path | None:
-    from .config import packaged_config
+    from ..config import packaged_config
 
     return packaged_config(*parts)
 
@@ -270,7 +270,7 @@ def _check_keys(d: dict, allowed: tuple[str, ...], where: str) -> None:
 
 def load_definitions(path: Path | str | None = None) -> dict[str, TableDef]:
     """The table definitions of ``configs/tables.yaml`` (or ``path``), checked strictly."""
-    from .config import read_yaml
+    from ..config import read_yaml
 
     if path is None:
         path = _packaged(TABLES_FILE)
@@ -345,7 +345,7 @@ def _settings(raw: Any, where: str) -> dict[str, dict]:
 
 def paper_numbers() -> dict:
     """The paper's reported numbers: ``configs/paper/atfm_tables.yaml``, the one copy, shipped in the package."""
-    from .config import read_yaml
+    from ..config import read_yaml
 
     path = _packaged(*PAPER_PARTS)
     if path is None:
@@ -395,7 +395,7 @@ def _unfinished_note(unfinished: list[Path], dataset: str, profile: str | None) 
 def build(results: Path | str, dataset: str, profile: str | None = None, columns: list[str] | None = None,
           protocol: str | None = None) -> Table:
     """Every finished run of ``dataset`` (one row per method label, one column per metric)."""
-    from .results import scan, select_runs, summarize
+    from ..results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
     df, prof, proto = select_runs(df, dataset, profile, protocol)
@@ -430,7 +430,7 @@ def reference_methods() -> list[str]:
 
 
 def _is_implemented(method: str) -> bool:
-    from .registry import METHODS
+    from ..registry import METHODS
 
     return method in METHODS
 
@@ -503,7 +503,7 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
 
 def _fill_metrics(t: Table, d: TableDef, results: Path | str, ds: str, profile: str | None,
                   protocol: str | None, tag: str | None = None) -> None:
-    from .results import scan, select_runs, summarize
+    from ..results import scan, select_runs, summarize
 
     df, unfinished = scan(results)
     df, prof, proto = select_runs(df, ds, profile, protocol)
@@ -832,7 +832,7 @@ def to_csv(t: Table) -> str:
 
 
 def with_stats(t: Table, results: Path | str, dataset: str, profile: str | None, protocol: str | None) -> Table:
-    """``t`` with the rows that are significantly worse than each column's best marked (:mod:`amisbench.stats`)."""
+    """``t`` with the rows that are significantly worse than each column's best marked (:mod:`amisbench.report.stats`)."""
     from .stats import mark_table, row_values
 
     mark_table(t, row_values(results, dataset, profile, protocol))
@@ -850,8 +850,8 @@ CLI_HELP = "print a table of finished runs, or Table 1-4 of the paper next to it
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .reference import add_hide_option
+    from ..cli import add_results_option
+    from ..reference import add_hide_option
 
     p.add_argument("--table", default=None, help="a table of configs/tables.yaml: 1 (LIDC), 2 (ISIC3), "
                    "3 (inference time), 4 (ATFM ablation)")
@@ -873,9 +873,9 @@ def configure_parser(p) -> None:
 def command(a) -> int:
     import sys
 
-    from .reference import with_reference
-    from .runner import default_results
-    from .store import atomic_write_text, check_output_file
+    from ..reference import with_reference
+    from ..runner import default_results
+    from ..store import atomic_write_text, check_output_file
 
     results = a.results or default_results()
     if a.out is not None:  # before any work or output: a folder or a read-only place is refused here

@@ -29,9 +29,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import UserError
-from .evaluate import sample_items
-from .store import TIMING
+from ..errors import UserError
+from ..evaluate import sample_items
+from ..store import TIMING
 
 
 # indirections so that tests can check the order of synchronisation and clock reads
@@ -101,10 +101,10 @@ def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed
            user_sets: list[str], device: torch.device, untrained: bool, results: Path | str | None,
            protocol: str | None, data_root: str | None):
     """The model (eval mode, on ``device``), its evaluation dataset, and the run folder (None if untrained)."""
-    from .registry import DATASETS, METHODS
-    from .runner import RunSpec, load_trained, prepare
-    from .seeding import derive_seed
-    from .store import is_done
+    from ..registry import DATASETS, METHODS
+    from ..runner import RunSpec, load_trained, prepare
+    from ..seeding import derive_seed
+    from ..store import is_done
 
     mcls = METHODS.get(method)
     if untrained:
@@ -141,8 +141,8 @@ def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: tor
     """
     import copy
 
-    from .config import apply_set, parse_set
-    from .registry import METHODS
+    from ..config import apply_set, parse_set
+    from ..registry import METHODS
 
     items = parse_set(sets)
     if not items:
@@ -172,7 +172,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     Args:
         inference: method -> sampler settings to apply (default: Table 3's of configs/tables.yaml).
     """
-    from .runner import default_results, git_info, pick_device
+    from ..runner import default_results, git_info, pick_device
 
     if samples < 1 or images < 1 or warmup < 0:
         raise UserError(f"--samples {samples} --images {images} --warmup {warmup}: expected samples >= 1, "
@@ -195,14 +195,14 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     amp = dtypes[dtype]
     compiled: list[str] = []
     if compile:
-        from .api import compile_networks
+        from ..api import compile_networks
 
         if warmup < 1:
             raise UserError("--compile needs at least one --warmup call (compilation happens at the first call)")
         compiled = compile_networks(model)
 
     def draw(x: torch.Tensor, i: int) -> torch.Tensor:
-        from .seeding import generator
+        from ..seeding import generator
 
         g = generator(dev, "timing", seed, i)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -256,7 +256,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(),
     }
     if save:
-        from .store import write_json
+        from ..store import write_json
 
         path = results / TIMING / rec["device_tag"] / f"{dataset}__{label}.json"
         write_json(path, rec)
@@ -323,7 +323,7 @@ RELEASE_LOOP: dict[str, list[str]] = {"atfm": ["method.sampler=release_loop"]}
 def release_loop_settings(method: str, dataset: str, profile: str, variant: str | None = None) -> tuple[list[str], str]:
     """The sampler settings that draw like the release (``RELEASE_LOOP``), or, for a method that samples in
     chunks, one sample per network call (``method.sample_chunk=1``); with a label saying which."""
-    from .config import resolve
+    from ..config import resolve
 
     if method in RELEASE_LOOP:
         return list(RELEASE_LOOP[method]), "the release's loop"
@@ -373,10 +373,10 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
     """
     import copy
 
-    from .pace import estimate
-    from .registry import DATASETS, METHODS
-    from .runner import RunSpec, pick_device, prepare, stage_steps, warmup_step
-    from .seeding import derive_seed
+    from ..pace import estimate
+    from ..registry import DATASETS, METHODS
+    from ..runner import RunSpec, pick_device, prepare, stage_steps, warmup_step
+    from ..seeding import derive_seed
 
     if steps < 1:
         raise UserError(f"--steps {steps}: expected at least one timed step per stage")
@@ -409,7 +409,7 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
 def train_report(recs: list[dict]) -> str:
     lines = ["| method | stage | batch | steps/s float32 | steps/s bf16 autocast | bf16 / fp32 | stage steps | "
              "stage time fp32 | device | torch |", "|" + "---|" * 10]
-    from .pace import duration
+    from ..pace import duration
 
     keyed = {(r["label"], r["stage"], r["dtype"]): r for r in recs}
     for r in recs:
@@ -434,8 +434,8 @@ CLI_HELP = "time drawing 100 samples per image (Table 3 protocol) and write resu
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .config import PROFILES
+    from ..cli import add_results_option
+    from ..config import PROFILES
 
     p.add_argument("--method", required=True, help="method name(s), comma-separated (e.g. atfm,ccdm)")
     p.add_argument("--dataset", required=True, help="dataset whose test images to sample")
@@ -469,13 +469,13 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
-    from .registry import METHODS
-    from .runner import pick_device
+    from ..registry import METHODS
+    from ..runner import pick_device
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
         raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
-    from .registry import DATASETS, METHODS
+    from ..registry import DATASETS, METHODS
 
     for m in methods:  # every name before timing anything
         METHODS.get(m)

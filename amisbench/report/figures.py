@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .evaluate import sample_items
+from ..errors import UserError
+from ..evaluate import sample_items
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,7 +77,7 @@ def _plt():
 def _save(fig, out: Path, stem: str, formats: tuple[str, ...], dpi: int = 150) -> list[Path]:
     import io
 
-    from .store import atomic_write_bytes
+    from ..store import atomic_write_bytes
 
     paths = []
     for fmt in formats:
@@ -92,7 +92,7 @@ def _save(fig, out: Path, stem: str, formats: tuple[str, ...], dpi: int = 150) -
 def _finished(results: Path | str, dataset: str, label: str, profile: str | None, protocol: str | None,
               seeds: list[int] | None = None) -> pd.DataFrame:
     """One row per finished run (run_dir, seed, profile) of ``label`` on ``dataset``."""
-    from .results import scan, select_runs
+    from ..results import scan, select_runs
 
     df, _ = scan(results)
     if seeds is not None:
@@ -117,7 +117,7 @@ def _image_rgb(img: torch.Tensor) -> np.ndarray:
 
 def reader_disagreement(masks: torch.Tensor) -> float:
     """Mean pairwise 1 - IoU between the readers' masks of one image (two empty masks: IoU 1)."""
-    from .metrics import pairwise_iou
+    from ..metrics import pairwise_iou
 
     m = masks.bool()
     iou = pairwise_iou(m, m)
@@ -266,9 +266,9 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     ``k`` samples (first row: of all readers), with the readers' contours dashed. ``samples.png/.pdf`` is two columns wide (7 in, every image), ``samples_1col.png/.pdf`` one
     column (3.5 in, the first image).
     """
-    from .display import display_name
-    from .runner import load_trained, pick_device
-    from .seeding import generator
+    from ..display import display_name
+    from ..runner import load_trained, pick_device
+    from ..seeding import generator
 
     plt, sns = _plt()
     dev = pick_device(device)
@@ -335,8 +335,8 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
 def evaluate_subset(model: Any, ds: Any, indices: list[int], *, samples: int, seed: int, device: torch.device,
                     batch: int = 4) -> dict[str, float]:
     """Mean GED_<samples> and HMIoU_<min(32, samples)> (and diversity) over ``indices``, one draw per image."""
-    from .metrics import table_metrics
-    from .seeding import generator
+    from ..metrics import table_metrics
+    from ..seeding import generator
 
     vals: dict[str, list[float]] = {}
     for s in range(0, len(indices), batch):
@@ -405,8 +405,8 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     """GED_100 / HM-IoU_32 against ``param`` (default the sampler's Euler steps) for every finished seed."""
     import pandas as pd
 
-    from .runner import load_trained, pick_device
-    from .store import atomic_write_text
+    from ..runner import load_trained, pick_device
+    from ..store import atomic_write_text
     from .timing import with_settings
 
     values = values or [1, 5, 10, 25, 50]
@@ -484,7 +484,7 @@ def alpha_table(results: Path | str, dataset: str, *, method: str = "atfm", para
     under ``results`` and its sweeps, with x = the run's ``param`` from its config.yaml."""
     import pandas as pd
 
-    from .results import scan, select_runs
+    from ..results import scan, select_runs
 
     frames = []
     for root in result_roots(results):
@@ -507,7 +507,7 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
                  profile: str | None = None, protocol: str | None = None, out: Path | None = None,
                  formats: tuple[str, ...] = ("png", "pdf")) -> Figure:
     """GED_100 / HM-IoU_32 against ``param`` over runs that differ in it (Fig. 6c style)."""
-    from .store import atomic_write_text
+    from ..store import atomic_write_text
 
     df = alpha_table(results, dataset, method=method, param=param, profile=profile, protocol=protocol)
     if df["x"].nunique() < 2:
@@ -519,7 +519,7 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
     atomic_write_text(out / "alpha.csv", df.to_csv(index=False))
     default = None
     try:
-        from .config import resolve
+        from ..config import resolve
 
         section, _, key = param.partition(".")
         default = getattr(getattr(resolve(method, dataset, df["profile"].iloc[0]).cfg, section), key)
@@ -539,8 +539,8 @@ CLI_HELP = "draw Fig. 4/5 (samples) and Fig. 6 (metrics vs. steps and alpha) fro
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .config import PROFILES
+    from ..cli import add_results_option
+    from ..config import PROFILES
 
     p.add_argument("--dataset", required=True, help="dataset of the runs")
     p.add_argument("--kind", default="samples", choices=[*KINDS, "all"], help="which figure (default samples)")
@@ -572,11 +572,11 @@ def _ints(s: str, what: str) -> list[int]:
 
 
 def command(a) -> int:
-    from .runner import default_results
+    from ..runner import default_results
 
     results = a.results or default_results()
     if a.out is not None:
-        from .store import check_output_dir
+        from ..store import check_output_dir
 
         check_output_dir(a.out, "--out")
     kinds = KINDS if a.kind == "all" else (a.kind,)
@@ -599,7 +599,7 @@ def command(a) -> int:
 
 def _one_kind(kind: str, a, results: Path) -> list[Path]:
     """The files of one figure kind (UserError when its runs are missing)."""
-    from .results import scan
+    from ..results import scan
 
     if kind == "samples":
         if a.method:
