@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .options import add_results_option
 from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
@@ -27,11 +28,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def add_results_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=None,
-                   help="results folder (default: $AMISBENCH_RESULTS or ./results)")
 
 
 def build_parser() -> Parser:
@@ -218,7 +214,7 @@ def print_config(res, folders: list[Path], opts: dict, origin: dict[str, str], o
     run = {k: opts[k] for k in ("method", "dataset", "variant", "profile", "protocol", "data_root", "device",
                                 "results", "tag", "seeds")}
     if run["results"] is None:
-        from .runner import default_results
+        from .store import default_results
 
         run["results"] = default_results()
         origin = {**origin, "results": "$AMISBENCH_RESULTS" if os.environ.get("AMISBENCH_RESULTS") else "default"}

@@ -51,11 +51,6 @@ def is_reference_row(row: str) -> bool:
     return row.endswith(SUFFIX)
 
 
-def add_hide_option(p) -> None:
-    p.add_argument("--no-reference", action="store_true",
-                   help=f"leave out the shipped reference results (also: {HIDE_ENV}=1)")
-
-
 def with_reference(build, results: Path | str, hide: bool = False) -> Table:
     """``build(results)`` with the rows of ``build(<reference folder>)`` appended.
 

@@ -33,17 +33,13 @@ from .pace import Pace, duration, estimate
 from .registry import DATASETS, METHODS
 from .seeding import derive_seed, generator
 from . import selection as SEL
-from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
+from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir, default_results,
                     clean_temporaries, finished_hash, is_done, load_torch, read_run_info, run_dir, save_torch,
                     write_json, write_yaml)
 
 
 class RunFailed(Exception):
     """A run that started but could not finish (diverged training, a method returning bad samples)."""
-
-
-def default_results() -> Path:
-    return Path(os.environ.get("AMISBENCH_RESULTS", "results"))
 
 
 def pick_device(device: str) -> torch.device:

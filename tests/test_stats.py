@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from amisbench.report import stats
-from amisbench.report.tables import Table, to_markdown
+from amisbench.report.formats import to_markdown
+from amisbench.report.tables import Table
 
 
 def test_identical_values_give_a_zero_width_interval():

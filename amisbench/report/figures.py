@@ -28,23 +28,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import UserError
-from ..evaluate import sample_items
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
 FIGURES = "figures"
 KINDS = ("samples", "steps", "alpha")
 CURVE_METRICS = ("GED_100", "HMIoU_32")
 
 
-def _title(metric: str) -> str:
-    prefix, _, n = metric.rpartition("_")
-    name = {"GED": "GED", "HMIoU": "HM-IoU"}.get(prefix, prefix)
-    return f"{name}$_{{{n}}}$ ({'lower' if prefix == 'GED' else 'higher'} is better)"
+def metric_title(metric: str) -> str:
+    """The axis title of a metric column, from the metric registry (``HM-IoU$_{32}$ (higher is better)``)."""
+    from ..metric_registry import axis_label
+
+    return axis_label(metric)
 
 
 def _curve_keys(keys) -> list[str]:
@@ -117,6 +117,8 @@ def _image_rgb(img: torch.Tensor) -> np.ndarray:
 
 def reader_disagreement(masks: torch.Tensor) -> float:
     """Mean pairwise 1 - IoU between the readers' masks of one image (two empty masks: IoU 1)."""
+    import torch
+
     from ..metrics import pairwise_iou
 
     m = masks.bool()
@@ -267,6 +269,7 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     column (3.5 in, the first image).
     """
     from ..display import display_name
+    from ..evaluate import sample_items
     from ..runner import load_trained, pick_device
     from ..seeding import generator
 
@@ -335,6 +338,9 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
 def evaluate_subset(model: Any, ds: Any, indices: list[int], *, samples: int, seed: int, device: torch.device,
                     batch: int = 4) -> dict[str, float]:
     """Mean GED_<samples> and HMIoU_<min(32, samples)> (and diversity) over ``indices``, one draw per image."""
+    import torch
+
+    from ..evaluate import sample_items
     from ..metrics import table_metrics
     from ..seeding import generator
 
@@ -367,7 +373,7 @@ def _curve_plot(df: pd.DataFrame, x: str, xlabel: str, title: str, out: Path, st
             ax.annotate(f"n={n}", (xv, yv), textcoords="offset points", xytext=(5, -11), ha="left", fontsize=7,
                         color="0.3")
         ax.set_xlabel(xlabel)
-        ax.set_title(_title(m))
+        ax.set_title(metric_title(m))
         if xscale == "symlog":
             nonzero = sorted(v for v in agg[x] if v > 0)
             ax.set_xscale("symlog", linthresh=nonzero[0] if nonzero else 1.0)
@@ -539,7 +545,7 @@ CLI_HELP = "draw Fig. 4/5 (samples) and Fig. 6 (metrics vs. steps and alpha) fro
 
 
 def configure_parser(p) -> None:
-    from ..cli import add_results_option
+    from ..options import add_results_option
     from ..config import PROFILES
 
     p.add_argument("--dataset", required=True, help="dataset of the runs")
@@ -572,9 +578,9 @@ def _ints(s: str, what: str) -> list[int]:
 
 
 def command(a) -> int:
-    from ..runner import default_results
+    from ..options import results_folder
 
-    results = a.results or default_results()
+    results = results_folder(a)
     if a.out is not None:
         from ..store import check_output_dir
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..metric_registry import column_order, direction
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,16 +66,6 @@ class Board:
     primary: str | None = None  # the metric the rows are ordered by
 
 
-def direction(metric: str) -> bool | None:
-    """higher_is_better of a metric key from its metadata (None for keys that are not metrics)."""
-    from ..metrics import metric_info
-
-    try:
-        return metric_info(metric).higher_is_better
-    except ValueError:
-        return None
-
-
 def _row_key(label: str, kind: str) -> str:
     from ..reference import SUFFIX
 
@@ -87,7 +78,6 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
 
     from ..results import summarize
     from .stats import is_calibration, column_stats, per_image
-    from .tables import DEFAULT_ORDER
 
     frames = [s.runs.assign(source=s.kind) for s in sources if not s.runs.empty]
     if not frames:
@@ -97,7 +87,7 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
     out = []
     for (protocol, profile), part in df.groupby(["protocol", "profile"], sort=True):
         present = list(part["metric"].unique())
-        metrics = [m for m in DEFAULT_ORDER if m in present] + sorted(set(present) - set(DEFAULT_ORDER))
+        metrics = column_order(present)
         b = Board(dataset, str(protocol), str(profile), next((x for x in part["protocol_label"] if x), ""),
                   [], {}, {}, {}, metrics, {})
         for (kind, label), rows in part.groupby(["source", "label"], sort=False):
@@ -343,7 +333,9 @@ def paper_tables(results: Path, dataset: str, hide_reference: bool) -> tuple[lis
     """HTML of every table definition about ``dataset`` (the paper's numbers beside ours; Table 3 per
     device), and notes on what was left out."""
     from ..reference import reference_results, with_reference
-    from .tables import build_table, load_definitions, timing_records
+    from .cells import timing_records
+    from .definitions import load_definitions
+    from .tables import build_table
 
     out, skipped = [], []
     for tid, d in load_definitions().items():
@@ -488,8 +480,7 @@ CLI_HELP = "write a self-contained results page (HTML and images in one folder) 
 
 
 def configure_parser(p) -> None:
-    from ..cli import add_results_option
-    from ..reference import add_hide_option
+    from ..options import add_hide_option, add_results_option
 
     p.add_argument("--dataset", default=None, help="only this dataset (default: every dataset with results)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default <results>/report)")
@@ -498,10 +489,10 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
-    from ..runner import default_results
+    from ..options import results_folder
     from ..store import check_output_dir
 
-    results = a.results or default_results()
+    results = results_folder(a)
     out = check_output_dir(a.out or Path(results) / "report", "--out")  # before any work
     path = write_report(results, out, a.dataset, a.no_reference)
     print(path)

@@ -244,7 +244,7 @@ WORSE_MARK = "†"
 def is_calibration(label: str) -> bool:
     """Rows that calibrate the metrics rather than compete (floor and ceiling: ``reference_rows`` of
     configs/tables.yaml): intervals, but no comparison."""
-    from .tables import label_method, reference_methods
+    from .definitions import label_method, reference_methods
 
     return label_method(label) in reference_methods()
 

@@ -24,14 +24,15 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import UserError
-from ..evaluate import sample_items
 from ..store import TIMING
+
+if TYPE_CHECKING:
+    import torch
 
 
 # indirections so that tests can check the order of synchronisation and clock reads
@@ -40,6 +41,8 @@ _timed_here = 0  # methods timed in this process so far (CPU peak memory is per 
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":  # pragma: no cover - no MPS in CI
@@ -48,6 +51,8 @@ def _sync(device: torch.device) -> None:
 
 def device_tag(device: torch.device) -> str:
     """Folder name of a device under results/timing: ``cpu`` or ``cuda-<name>`` (e.g. cuda-NVIDIA-H100...)."""
+    import torch
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return "cuda-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
@@ -55,6 +60,8 @@ def device_tag(device: torch.device) -> str:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
@@ -84,7 +91,7 @@ def nfe_label(fixed: float, per: float) -> str:
 
 def table_inference() -> dict[str, list[str]]:
     """The Table 3 sampler settings per method (configs/tables.yaml, ``inference`` of the timing table)."""
-    from .tables import load_definitions
+    from .definitions import load_definitions
 
     for d in load_definitions().values():
         if d.kind == "timing":
@@ -101,6 +108,8 @@ def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed
            user_sets: list[str], device: torch.device, untrained: bool, results: Path | str | None,
            protocol: str | None, data_root: str | None):
     """The model (eval mode, on ``device``), its evaluation dataset, and the run folder (None if untrained)."""
+    import torch
+
     from ..registry import DATASETS, METHODS
     from ..runner import RunSpec, load_trained, prepare
     from ..seeding import derive_seed
@@ -172,6 +181,9 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     Args:
         inference: method -> sampler settings to apply (default: Table 3's of configs/tables.yaml).
     """
+    import torch
+
+    from ..evaluate import sample_items
     from ..runner import default_results, git_info, pick_device
 
     if samples < 1 or images < 1 or warmup < 0:
@@ -335,7 +347,7 @@ def release_loop_settings(method: str, dataset: str, profile: str, variant: str 
 
 def paper_seconds() -> dict[str, float]:
     """Table 3's seconds for 100 samples of one LIDC image (the paper's RTX 3090), per method."""
-    from .tables import paper_numbers
+    from .definitions import paper_numbers
 
     rows = (paper_numbers().get("table3_timing_lidc") or {}).get("rows") or {}
     return {m: float(r["seconds_100_samples"]) for m, r in rows.items() if "seconds_100_samples" in r}
@@ -372,6 +384,8 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
         One record per stage and dtype: method, stage, batch_size, dtype, step_s, steps_per_s, device, torch.
     """
     import copy
+
+    import torch
 
     from ..pace import estimate
     from ..registry import DATASETS, METHODS
@@ -434,7 +448,7 @@ CLI_HELP = "time drawing 100 samples per image (Table 3 protocol) and write resu
 
 
 def configure_parser(p) -> None:
-    from ..cli import add_results_option
+    from ..options import add_results_option
     from ..config import PROFILES
 
     p.add_argument("--method", required=True, help="method name(s), comma-separated (e.g. atfm,ccdm)")
