@@ -106,20 +106,37 @@ def build_parser() -> Parser:
     p.add_argument("index", metavar="INDEX", help="which job, from 1 (e.g. $SLURM_ARRAY_TASK_ID)")
 
     p = sub.add_parser("data", help="prepare real datasets from the files you have",
-                       description="Convert the LIDC-IDRI or ISIC3 files you have into the layout the "
-                       "dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
+                       description="Convert the LIDC-IDRI or ISIC3 files you have (or a plugin dataset's) into "
+                       "the layout the dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
     q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
-                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files once into "
-                        "memory-mappable arrays, split lists and a checksummed manifest (see README, Datasets).",
-                        epilog=EPILOG)
-    q.add_argument("kind", choices=["lidc", "isic3"], help="which dataset the files are: lidc or isic3")
+                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files (or those of "
+                        "any registered dataset whose adapter has a prepare step) once into memory-mappable "
+                        "arrays, split lists and a checksummed manifest (see README, Datasets).", epilog=EPILOG)
+    q.add_argument("kind", metavar="NAME", choices=Preparable(),
+                   help="which dataset the files are: %(choices)s")
     q.add_argument("--from", dest="src", required=True, type=Path,
                    help="lidc: data_lidc.pickle, a folder of *.pickle parts, an HDF5 file or the PNG crop tree; "
-                   "isic3: the isic256_3_style folder")
+                   "isic3: the isic256_3_style folder; a plugin dataset: what its prepare reads")
     q.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
+
+
+class Preparable:
+    """The choices of ``amisbench data prepare``: the registered datasets whose adapter has a ``prepare``,
+    looked up when argparse first checks or lists them, so that building the parser imports no dataset."""
+
+    def _names(self) -> list[str]:
+        from amisbench.datasets._prepare import preparable
+
+        return preparable()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def read_flag_file(path: Path | str, keys: dict[str, type | tuple[type, ...]], what: str) -> dict:

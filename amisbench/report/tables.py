@@ -187,7 +187,7 @@ def build(results: Path | str, dataset: str, profile: str | None = None, columns
 def _is_implemented(method: str) -> bool:
     from ..registry import METHODS
 
-    return method in METHODS
+    return METHODS.has(method)
 
 
 def build_table(table_id: str, results: Path | str, dataset: str | None = None, profile: str | None = None,
