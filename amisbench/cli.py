@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
-from .options import add_results_option
+from .options import add_results_option, read_flag_file
 from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
@@ -137,24 +137,6 @@ class Preparable:
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
-
-
-def read_flag_file(path: Path | str, keys: dict[str, type | tuple[type, ...]], what: str) -> dict:
-    """A YAML mapping whose keys are those of a command's flags, checked by key and type (one sentence
-    naming the file and the key otherwise)."""
-    from .config import read_yaml
-
-    data = read_yaml(path, what)
-    if not isinstance(data, dict):
-        raise UserError(f"{what} file {path}: expected a mapping of keys ({', '.join(keys)})")
-    for key, value in data.items():
-        if key not in keys:
-            raise UserError(f"{what} file {path}: unknown key '{key}'; known: {', '.join(keys)}")
-        want = keys[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise UserError(f"{what} file {path}: '{key}' should be {names}, got {type(value).__name__}")
-    return data
 
 
 RUN_FILE_KEYS: dict[str, type | tuple[type, ...]] = {

@@ -535,7 +535,7 @@ def load_grid(name_or_path: str) -> tuple[dict, Path]:
             raise UserError(f"--grid {name_or_path}: no such file and no configs/grids/{name_or_path}.yaml; "
                             f"known: {', '.join(known) or 'none'}")
         path = found
-    from .cli import read_flag_file
+    from .options import read_flag_file
 
     data = read_flag_file(path, GRID_KEYS, "grid")
     out: dict = {}
