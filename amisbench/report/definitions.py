@@ -15,7 +15,8 @@ from ..errors import UserError
 TABLES_FILE = "tables.yaml"
 PAPER_PARTS = ("paper", "atfm_tables.yaml")
 
-Paper = Any  # (mean, std | None) for a number reported with its spread, a float, a string, or None
+#: A value the paper reports: ``[mean, std]`` (a YAML list; std may be null), a number, a text, or None.
+Paper = list[float | None] | tuple[float, float | None] | float | str | None
 
 
 def format_paper(p: Paper, d: int) -> str:
