@@ -257,7 +257,8 @@ def build_table(table_id: str, results: Path | str, dataset: str | None = None, 
 
 
 def with_stats(t: Table, results: Path | str, dataset: str, profile: str | None, protocol: str | None) -> Table:
-    """``t`` with the rows that are significantly worse than each column's best marked (:mod:`amisbench.report.stats`)."""
+    """``t`` with the rows that are significantly worse than each column's best marked
+    (:mod:`amisbench.report.stats`)."""
     from .stats import mark_table, row_values
 
     mark_table(t, row_values(results, dataset, profile, protocol))
