@@ -12,7 +12,7 @@ from amisbench import cli
 from amisbench.datasets._prepare import preparable
 from amisbench.registry import DATASETS
 
-PLUGINS = Path(__file__).parent / "plugins"
+PLUGINS = Path(__file__).parents[1] / "plugins"
 
 
 @pytest.fixture
