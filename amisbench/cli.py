@@ -11,12 +11,13 @@ import warnings
 from pathlib import Path
 
 from .errors import RunFailed, UserError
+from .options import add_results_option, read_flag_file
 from .registry import PluginWarning
 
 #: subcommands whose parser and handler live in their own module (``configure_parser(p)``, ``command(args)``,
 #: ``CLI_HELP``), so that the table, timing, figures and grid tools grow without edits here.
-COMMAND_MODULES = {"table": "amisbench.tables", "timing": "amisbench.timing", "figures": "amisbench.figures", "grid": "amisbench.grid",
-                   "report": "amisbench.report"}
+COMMAND_MODULES = {"table": "amisbench.report.tables", "timing": "amisbench.report.timing", "figures": "amisbench.report.figures", "grid": "amisbench.grid",
+                   "report": "amisbench.report.page"}
 
 EPILOG = "Exit codes: 0 success, 2 usage or input error, 1 a run that failed. Docs: README.md."
 
@@ -27,11 +28,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def add_results_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=None,
-                   help="results folder (default: $AMISBENCH_RESULTS or ./results)")
 
 
 def build_parser() -> Parser:
@@ -110,38 +106,37 @@ def build_parser() -> Parser:
     p.add_argument("index", metavar="INDEX", help="which job, from 1 (e.g. $SLURM_ARRAY_TASK_ID)")
 
     p = sub.add_parser("data", help="prepare real datasets from the files you have",
-                       description="Convert the LIDC-IDRI or ISIC3 files you have into the layout the "
-                       "dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
+                       description="Convert the LIDC-IDRI or ISIC3 files you have (or a plugin dataset's) into "
+                       "the layout the dataset adapters read (amisbench data prepare --help).", epilog=EPILOG)
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="ACTION")
     q = dsub.add_parser("prepare", help="convert LIDC-IDRI or ISIC3 files once into the safe, memory-mappable "
-                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files once into "
-                        "memory-mappable arrays, split lists and a checksummed manifest (see README, Datasets).",
-                        epilog=EPILOG)
-    q.add_argument("kind", choices=["lidc", "isic3"], help="which dataset the files are: lidc or isic3")
+                        "layout the adapters read", description="Convert LIDC-IDRI or ISIC3 files (or those of "
+                        "any registered dataset whose adapter has a prepare step) once into memory-mappable "
+                        "arrays, split lists and a checksummed manifest (see README, Datasets).", epilog=EPILOG)
+    q.add_argument("kind", metavar="NAME", choices=Preparable(),
+                   help="which dataset the files are: %(choices)s")
     q.add_argument("--from", dest="src", required=True, type=Path,
                    help="lidc: data_lidc.pickle, a folder of *.pickle parts, an HDF5 file or the PNG crop tree; "
-                   "isic3: the isic256_3_style folder")
+                   "isic3: the isic256_3_style folder; a plugin dataset: what its prepare reads")
     q.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 
 
-def read_flag_file(path: Path | str, keys: dict[str, type | tuple[type, ...]], what: str) -> dict:
-    """A YAML mapping whose keys are those of a command's flags, checked by key and type (one sentence
-    naming the file and the key otherwise)."""
-    from .config import read_yaml
+class Preparable:
+    """The choices of ``amisbench data prepare``: the registered datasets whose adapter has a ``prepare``,
+    looked up when argparse first checks or lists them, so that building the parser imports no dataset."""
 
-    data = read_yaml(path, what)
-    if not isinstance(data, dict):
-        raise UserError(f"{what} file {path}: expected a mapping of keys ({', '.join(keys)})")
-    for key, value in data.items():
-        if key not in keys:
-            raise UserError(f"{what} file {path}: unknown key '{key}'; known: {', '.join(keys)}")
-        want = keys[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise UserError(f"{what} file {path}: '{key}' should be {names}, got {type(value).__name__}")
-    return data
+    def _names(self) -> list[str]:
+        from amisbench.datasets._prepare import preparable
+
+        return preparable()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 RUN_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -218,7 +213,7 @@ def print_config(res, folders: list[Path], opts: dict, origin: dict[str, str], o
     run = {k: opts[k] for k in ("method", "dataset", "variant", "profile", "protocol", "data_root", "device",
                                 "results", "tag", "seeds")}
     if run["results"] is None:
-        from .runner import default_results
+        from .store import default_results
 
         run["results"] = default_results()
         origin = {**origin, "results": "$AMISBENCH_RESULTS" if os.environ.get("AMISBENCH_RESULTS") else "default"}

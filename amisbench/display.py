@@ -15,7 +15,7 @@ EXTRA = {"unet": "U-Net (floor)", "oracle": "Oracle (ceiling)", "p2sam": "P2SAM"
 @lru_cache(maxsize=1)
 def _names() -> dict[str, str]:
     from .errors import UserError
-    from .tables import load_definitions
+    from .report.definitions import load_definitions
 
     out = dict(EXTRA)
     try:

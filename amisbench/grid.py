@@ -433,7 +433,7 @@ CLI_HELP = "expand a grid of runs into `amisbench run` commands and launch them 
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
+    from .options import add_results_option
     from .config import PROFILES
 
     p.add_argument("--method", default=None, help="method name(s), comma-separated; method-variant allowed "
@@ -495,7 +495,7 @@ def table_grid(table: str | None, method: str | None, dataset: str | None) -> tu
             raise UserError("give --method and --dataset, or --table N (the runs of a table of the paper)")
         return _split_list(method, "--method"), _split_list(dataset, "--dataset")
     from .registry import METHODS
-    from .tables import label_method, load_definitions
+    from .report.definitions import label_method, load_definitions
 
     defs = load_definitions()
     if table not in defs:
@@ -530,7 +530,7 @@ def load_grid(name_or_path: str) -> tuple[dict, Path]:
             raise UserError(f"--grid {name_or_path}: no such file and no configs/grids/{name_or_path}.yaml; "
                             f"known: {', '.join(known) or 'none'}")
         path = found
-    from .cli import read_flag_file
+    from .options import read_flag_file
 
     data = read_flag_file(path, GRID_KEYS, "grid")
     out: dict = {}
@@ -566,10 +566,10 @@ def apply_grid(a) -> None:
 
 
 def command(a) -> int:
-    from .runner import default_results
+    from .options import results_folder
 
     apply_grid(a)
-    results = a.results if a.results is not None else default_results()
+    results = results_folder(a)
     devices = _split_list(a.devices, "--devices") if a.devices else None
     if a.workers < 1:
         raise UserError(f"--workers {a.workers}: expected at least 1")

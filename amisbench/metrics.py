@@ -30,14 +30,14 @@ Python ``float``; a batch gives a float64 array of shape ``(B,)`` (numpy in) or 
 input's device (torch in). Bad input raises ``ValueError`` naming the argument and the expected form.
 
 :func:`table_metrics` is the evaluator's fast path: one count of the full draw of ``N`` samples per
-image, sliced for the prefixes the tables report (GED at n = 16, 32, 100, HM-IoU and MDM at n = 32).
-:data:`METRICS` and :func:`metric_info` carry the metadata (direction, range, n) tables use for bold-best.
+image (:class:`Counts`), sliced for the prefixes the tables report (GED at n = 16, 32, 100, HM-IoU and MDM
+at n = 32) and for every other metric of :mod:`amisbench.metric_registry`, where each metric registers its
+function with its metadata (direction, range, n; :data:`METRICS`, :func:`metric_info`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -46,7 +46,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from . import metric_registry as _registry
+from .metric_registry import METRICS, MetricInfo, metric_info
+
 __all__ = [
+    "Counts",
     "MetricInfo",
     "METRICS",
     "TABLE_METRICS",
@@ -94,101 +98,11 @@ _FORMULA_GROUP_BYTES = 2**22
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MetricInfo:
-    """What a table needs to know about a metric column.
-
-    Attributes:
-        name: The column key, e.g. ``"GED_16"``.
-        higher_is_better: ``True``/``False`` for the direction bold-best follows; ``None`` for
-            descriptive columns (diversity) that have no better direction.
-        range: The ``(low, high)`` values the metric can take with the default conventions.
-        n: Number of samples per image the value is reported at (``None`` if not applicable).
-        description: One sentence for captions and ``--help``.
-    """
-
-    name: str
-    higher_is_better: bool | None
-    range: tuple[float, float]
-    n: int | None
-    description: str
-
-
-# prefix -> (higher_is_better, range, description template)
-_PREFIXES: dict[str, tuple[bool | None, tuple[float, float], str]] = {
-    "GED": (
-        False,
-        (0.0, 2.0),
-        "Generalised energy distance (d = 1 - IoU) between {n} samples and the readers; lower is better.",
-    ),
-    "GED_true": (
-        False,
-        (0.0, 2.0),
-        "GED between {n} samples and {n} draws of the true reader distribution (synthetic data only); "
-        "lower is better.",
-    ),
-    "HMIoU": (
-        True,
-        (0.0, 1.0),
-        "Hungarian-matched IoU of {n} samples and the readers, both repeated to lcm(n, m); higher is better.",
-    ),
-    "MDM": (
-        True,
-        (0.0, 1.0),
-        "Maximum Dice matching: mean over readers of the best Dice over {n} samples; higher is better.",
-    ),
-    "diversity": (
-        None,
-        (0.0, 1.0),
-        "Sample diversity E[1 - IoU(S, S')] over {n} samples, self-pairs included; no better direction.",
-    ),
-}
-_KEY_RE = re.compile(r"^(?P<prefix>[A-Za-z_]+?)_(?P<n>[0-9]+)$")
-
-
-def _make_info(prefix: str, n: int) -> MetricInfo:
-    hib, rng, text = _PREFIXES[prefix]
-    return MetricInfo(f"{prefix}_{n}", hib, rng, n, text.format(n=n))
-
+# The metrics, their functions and metadata are registered in amisbench.metric_registry (torch-free, so that
+# tables read the metadata without loading torch); table_metrics computes every registered metric from Counts.
 
 #: The five columns of the LIDC/ISIC tables, in table order.
 TABLE_METRICS: tuple[str, ...] = ("GED_16", "GED_32", "GED_100", "HMIoU_32", "MDM_32")
-
-#: Metadata of every metric column the suite writes.
-METRICS: dict[str, MetricInfo] = {
-    key: _make_info(key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
-    for key in (*TABLE_METRICS, "GED_true_100", "diversity_100")
-}
-
-
-def metric_info(key: str) -> MetricInfo:
-    """Metadata of a metric column, also for sample counts not in :data:`METRICS`.
-
-    Args:
-        key: ``"<prefix>_<n>"`` with prefix one of ``GED``, ``GED_true``, ``HMIoU``, ``MDM``,
-            ``diversity`` (e.g. ``"GED_64"``); the prefix decides direction and range.
-
-    Returns:
-        The :class:`MetricInfo` of that column.
-
-    Raises:
-        ValueError: If the key does not have that form (the message lists the known prefixes).
-
-    Example:
-        >>> metric_info("GED_64").higher_is_better
-        False
-        >>> metric_info("HMIoU_32").range
-        (0.0, 1.0)
-    """
-    if key in METRICS:
-        return METRICS[key]
-    match = _KEY_RE.match(key) if isinstance(key, str) else None
-    if match is None or match["prefix"] not in _PREFIXES or int(match["n"]) < 1:
-        raise ValueError(
-            f"unknown metric {key!r}; expected '<prefix>_<n>' with n >= 1 and prefix one of: "
-            f"{', '.join(_PREFIXES)} (e.g. 'GED_16', 'HMIoU_32')"
-        )
-    return _make_info(match["prefix"], int(match["n"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -853,7 +767,8 @@ def table_metrics(
 
     * ``GED_<n>`` for each ``n`` in ``ns`` with ``n <= N``;
     * ``diversity_<n>`` = ``E[d(S, S')]`` at the largest of those ``n`` (the GED sample term);
-    * ``HMIoU_<hm_n>`` and ``MDM_<mdm_n>`` if ``hm_n`` / ``mdm_n`` is not None and ``<= N``.
+    * ``HMIoU_<hm_n>`` and ``MDM_<mdm_n>`` if ``hm_n`` / ``mdm_n`` is not None and ``<= N``;
+    * every other metric of :mod:`amisbench.metric_registry` with a function, at its registered ``n``.
 
     Keys whose ``n`` exceeds ``N`` are left out.
 
@@ -897,23 +812,81 @@ def table_metrics(
     pair = _prepare(samples, gts)
     big_n = pair.samples.shape[1]
     kept = sorted({int(n) for n in ns if n <= big_n})
+    counts: dict[str, Sequence[int]] = {s.prefix: s.n for s in _registry.specs()}
+    counts.update(GED=kept, HMIoU=() if hm_n is None else (hm_n,), MDM=() if mdm_n is None else (mdm_n,),
+                  diversity=kept[-1:])
+    plan = [(s, int(n)) for s in _registry.specs() if s.compute is not None for n in counts[s.prefix]
+            if n <= big_n]
 
     def columns(s: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        counts = _gram([s, y])  # (B, N+m, N+m)
-        area = torch.diagonal(counts, dim1=-2, dim2=-1)
-        area_s, area_y = area[:, :big_n], area[:, big_n:]
-        out: dict[str, torch.Tensor] = {}
-        terms = _ged_terms(counts, big_n, kept, empty_i, unbiased)
-        for n in kept:
-            out[f"GED_{n}"] = terms[n][0]
-        if hm_n is not None and hm_n <= big_n:
-            iou = _iou(counts[:, :hm_n, big_n:], area_s[:, :hm_n], area_y, empty_i)
-            out[f"HMIoU_{hm_n}"] = _hungarian_mean(iou)
-        if mdm_n is not None and mdm_n <= big_n:
-            dice = _dice(counts[:, :mdm_n, big_n:], area_s[:, :mdm_n], area_y, empty_d)
-            out[f"MDM_{mdm_n}"] = _mdm_from_dice(dice)
-        if kept:
-            out[f"diversity_{kept[-1]}"] = terms[kept[-1]][2]
-        return out
+        c = Counts(s, y, empty_iou=empty_i, empty_dice=empty_d, unbiased=unbiased, ged_ns=kept)
+        return {f"{spec.prefix}_{n}": spec.compute(c, n) for spec, n in plan}
 
     return _in_groups(columns, pair)
+
+
+class Counts:
+    """The pairwise counts of one draw for a group of images, computed once (one batched product of the
+    ``N + m`` masks); each registered metric's ``compute(counts, n)`` reads them on the first ``n`` samples.
+    Everything else is formed on first use, so a metric pays only for what it reads; the GED terms of every
+    ``n`` in ``ged_ns`` come from one IoU pass (:func:`_ged_terms`).
+
+    Attributes:
+        counts: ``(B, N+m, N+m)`` intersection counts, samples first; the areas are its diagonal.
+        area_s, area_y: ``(B, N)`` sample and ``(B, m)`` reader areas.
+        iou_ss, iou_sy, iou_yy: float64 IoU of samples x samples, samples x readers, readers x readers.
+        n_samples: ``N``.
+        empty_iou, empty_dice, unbiased: the conventions of the call (see :func:`table_metrics`).
+    """
+
+    def __init__(self, s: torch.Tensor, y: torch.Tensor, *, empty_iou: float, empty_dice: float,
+                 unbiased: bool, ged_ns: Sequence[int] = ()) -> None:
+        big_n = self.n_samples = s.shape[1]
+        self.counts = _gram([s, y])  # (B, N+m, N+m)
+        area = torch.diagonal(self.counts, dim1=-2, dim2=-1)
+        self.area_s, self.area_y = area[:, :big_n], area[:, big_n:]
+        self.empty_iou, self.empty_dice, self.unbiased = empty_iou, empty_dice, unbiased
+        self._ged_ns = tuple(ged_ns)
+        self._cache: dict[Any, Any] = {}
+
+    def _once(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def iou_ss(self) -> torch.Tensor:
+        n = self.n_samples
+        return self._once("ss", lambda: _iou(self.counts[:, :n, :n], self.area_s, self.area_s, self.empty_iou))
+
+    @property
+    def iou_sy(self) -> torch.Tensor:
+        n = self.n_samples
+        return self._once("sy", lambda: _iou(self.counts[:, :n, n:], self.area_s, self.area_y, self.empty_iou))
+
+    @property
+    def iou_yy(self) -> torch.Tensor:
+        n = self.n_samples
+        return self._once("yy", lambda: _iou(self.counts[:, n:, n:], self.area_y, self.area_y, self.empty_iou))
+
+    def ged_terms(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ged, cross, sample_div, reader_div)`` at the first ``n`` samples."""
+        ns = self._ged_ns if n in self._ged_ns else (n,)
+        terms = self._once(("ged", ns), lambda: _ged_terms(self.counts, self.n_samples, ns, self.empty_iou,
+                                                           self.unbiased))
+        return terms[n]
+
+    def ged(self, n: int) -> torch.Tensor:
+        return self.ged_terms(n)[0]
+
+    def diversity(self, n: int) -> torch.Tensor:
+        """``E[d(S, S')]`` over the first ``n`` samples (the GED sample term)."""
+        return self.ged_terms(n)[2]
+
+    def hm_iou(self, n: int) -> torch.Tensor:
+        big_n = self.n_samples
+        return _hungarian_mean(_iou(self.counts[:, :n, big_n:], self.area_s[:, :n], self.area_y, self.empty_iou))
+
+    def mdm(self, n: int) -> torch.Tensor:
+        big_n = self.n_samples
+        return _mdm_from_dice(_dice(self.counts[:, :n, big_n:], self.area_s[:, :n], self.area_y, self.empty_dice))

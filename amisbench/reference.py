@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .tables import Table
+    from .report.tables import Table
 
 HIDE_ENV = "AMISBENCH_NO_REFERENCE"
 DIR_ENV = "AMISBENCH_REFERENCE"
@@ -51,16 +51,11 @@ def is_reference_row(row: str) -> bool:
     return row.endswith(SUFFIX)
 
 
-def add_hide_option(p) -> None:
-    p.add_argument("--no-reference", action="store_true",
-                   help=f"leave out the shipped reference results (also: {HIDE_ENV}=1)")
-
-
 def with_reference(build, results: Path | str, hide: bool = False) -> Table:
     """``build(results)`` with the rows of ``build(<reference folder>)`` appended.
 
     Args:
-        build: a function results folder -> :class:`~amisbench.tables.Table` (e.g. ``tables.build`` with the
+        build: a function results folder -> :class:`~amisbench.report.tables.Table` (e.g. ``tables.build`` with the
             dataset bound); it may raise UserError when a folder has no runs.
         results: the user's results folder.
         hide: leave the reference rows out.

@@ -15,6 +15,7 @@ one :class:`PluginWarning` line naming the entry point and the error; the other 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -146,6 +147,18 @@ class Registry:
         if name not in self._entries:
             raise UserError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
         return self._entries[name].obj
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is registered, a built-in module or an installed entry point, found without
+        importing any plugin (tables ask it for every row, and must not load torch)."""
+        if name in self._entries:
+            return True
+        try:
+            if importlib.util.find_spec(f"{self.package}.{name}") is not None:
+                return True
+        except (ImportError, ValueError):
+            pass
+        return any(ep.name == name for ep in self._entry_points())
 
     def findable(self, name: str) -> bool:
         """Whether a fresh process finds ``name`` by itself: a built-in or an installed entry point (not a

@@ -32,12 +32,8 @@ from .registry import DATASETS, METHODS
 from .seeding import derive_seed, generator
 from . import selection as SEL
 from .store import (CheckpointError, FolderLock, WriteFailed, atomic_write_text, check_output_dir,
-                    clean_temporaries, finished_hash, is_done, load_torch, RunSpec, run_label, save_torch,
-                    write_json, write_yaml)
-
-
-def default_results() -> Path:
-    return Path(os.environ.get("AMISBENCH_RESULTS", "results"))
+                    clean_temporaries, default_results, finished_hash, is_done, load_torch, RunSpec, run_label,
+                    save_torch, write_json, write_yaml)
 
 
 # ----------------------------------------------------------------------------------------------------

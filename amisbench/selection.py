@@ -21,16 +21,26 @@ import torch
 
 from .config import EvalConfig, StageConfig
 from .errors import UserError
+from .metric_registry import specs
 from .seeding import derive_seed
 
-# metric -> +1 when larger is better, -1 when smaller is better
-METRICS = {"GED": -1, "GED_true": -1, "HMIoU": 1, "MDM": 1, "diversity": 1}
+
+def _metrics() -> dict[str, int]:
+    """Registered metric -> -1 when smaller is better, else +1 (larger is better; diversity has no better
+    direction and is maximised when asked for)."""
+    return {s.prefix: -1 if s.higher_is_better is False else 1 for s in sorted(specs(), key=lambda s: s.prefix)}
+
+
 # what a plateau schedule may also watch: the mean training loss of the steps since its last observation
 # (train_loss), or of every step since the stage began (train_loss_cumulative: MoSE's engine.py steps
 # ReduceLROnPlateau on np.mean of a losses_list that it never empties)
 TRAIN_LOSS, TRAIN_LOSS_CUMULATIVE = "train_loss", "train_loss_cumulative"
 TRAIN_LOSSES = (TRAIN_LOSS, TRAIN_LOSS_CUMULATIVE)
-DIRECTION = {**METRICS, TRAIN_LOSS: -1, TRAIN_LOSS_CUMULATIVE: -1}
+
+
+def _directions() -> dict[str, int]:
+    """What a plateau schedule or a selection may watch -> -1 (smaller is better) or +1."""
+    return {**_metrics(), TRAIN_LOSS: -1, TRAIN_LOSS_CUMULATIVE: -1}
 
 
 def selection_metric(sc: StageConfig, where: str) -> str | None:
@@ -38,9 +48,9 @@ def selection_metric(sc: StageConfig, where: str) -> str | None:
     if sc.select == "last":
         return None
     kind, _, metric = sc.select.partition(":")
-    if kind != "best" or metric not in METRICS:
+    if kind != "best" or metric not in _metrics():
         raise UserError(f"{where}.select: expected 'last' or 'best:<metric>' with metric one of "
-                        f"{', '.join(METRICS)}, got {sc.select!r}")
+                        f"{', '.join(_metrics())}, got {sc.select!r}")
     return metric
 
 
@@ -48,8 +58,8 @@ def plateau_metric(sc: StageConfig, where: str) -> str | None:
     if sc.schedule != "plateau":
         return None
     metric = sc.plateau_metric or selection_metric(sc, where)
-    if metric not in DIRECTION:
-        raise UserError(f"{where}.plateau_metric: expected one of {', '.join(DIRECTION)} (or a select: "
+    if metric not in _directions():
+        raise UserError(f"{where}.plateau_metric: expected one of {', '.join(_directions())} (or a select: "
                         f"best:<metric> to take it from), got {sc.plateau_metric!r}")
     return metric
 
@@ -217,7 +227,7 @@ def validate(model: torch.nn.Module, val_ds: Any, ecfg: EvalConfig, *, seed: int
         shutil.rmtree(out_dir, ignore_errors=True)
     n = vcfg.n_samples
     out = {}
-    for base in METRICS:
+    for base in _metrics():
         key = f"{base}_{n}"
         if key in means:
             out[base] = means[key]
@@ -228,7 +238,7 @@ def improved(value: float, best: float | None, metric: str, threshold: float = 0
     """Strictly better than ``best`` (by more than ``threshold`` relative, torch's rel mode)."""
     if best is None:
         return math.isfinite(value)
-    if DIRECTION[metric] < 0:
+    if _directions()[metric] < 0:
         return value < best * (1 - threshold) if best >= 0 else value < best * (1 + threshold)
     return value > best * (1 + threshold) if best >= 0 else value > best * (1 - threshold)
 

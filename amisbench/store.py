@@ -32,6 +32,12 @@ from .errors import UserError
 
 RUNS = "runs"
 TIMING = "timing"  # <results>/timing/<device>/<dataset>__<label>.json, written by `amisbench timing`
+RESULTS_ENV = "AMISBENCH_RESULTS"
+
+
+def default_results() -> Path:
+    """The results folder when no ``--results`` is given: ``$AMISBENCH_RESULTS``, else ``./results``."""
+    return Path(os.environ.get(RESULTS_ENV, "results"))
 
 
 def run_label(method: str, variant: str | None = None, tag: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -16,6 +17,24 @@ from ._augment import augment as _augment
 from ._layout import SPLITS, Prepared, group_split, split_hash
 
 Split = Callable[[int], dict[str, list[int]]]
+
+
+@dataclass
+class PreparedConfig:
+    """The ``dataset.*`` settings of every prepared dataset; an adapter's ``Config`` subclasses it, naming its
+    protocols and changing the defaults that differ (``LIDCConfig``, ``ISIC3Config``)."""
+
+    root: str = ""  # the prepared folder (``--data-root``)
+    protocol: str = "clean"
+    val_fraction: float = 0.15  # clean split: fractions of the images, whole groups (patients) each
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    size: int = 0  # 0: the native size; otherwise resize (image bilinear, masks by majority)
+    hflip: bool = False  # training augmentation: flips, rotation in +-rotate_deg, scale in scale_range
+    vflip: bool = False
+    rotate_deg: float = 0.0
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    verify: bool = True  # hash every prepared file against the manifest (once per process)
 
 
 class PreparedDataset:

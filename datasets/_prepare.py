@@ -1,12 +1,13 @@
-"""``amisbench data prepare lidc|isic3 --from PATH --out DIR``: convert a real dataset once into the prepared
+"""``amisbench data prepare NAME --from PATH --out DIR``: convert a real dataset once into the prepared
 layout of :mod:`._layout` (``.npy`` arrays opened with ``mmap_mode``, a metadata table, split ID lists and a
 manifest with checksums).
 
-LIDC sources are detected automatically (see :mod:`._lidc_formats`): the Prob. U-Net pickle (a file, or a
-folder of ``*.pickle`` parts), the PHiSeg/CCDM HDF5 file, or the DeepMind PNG crop tree. ISIC3 takes Zepf et
-al.'s ``isic256_3_style`` folder (see :mod:`._isic_format`). Every bad input is a :class:`UserError` (exit
-code 2 on the command line), and the output appears only when complete: it is written to a temporary
-sibling folder and renamed.
+Each dataset adapter owns its conversion: a ``prepare(src, out, progress)`` on the registered class
+(``LIDC.prepare`` detects the Prob. U-Net pickle, the PHiSeg/CCDM HDF5 file or the DeepMind PNG crop tree, see
+:mod:`._lidc_formats`; ``ISIC3.prepare`` reads Zepf et al.'s ``isic256_3_style`` folder, see
+:mod:`._isic_format`); ``NAME`` is any registered dataset that has one, a plugin's included. Every bad input
+is a :class:`UserError` (exit code 2 on the command line), and the output appears only when complete: it is
+written to a temporary sibling folder and renamed.
 """
 
 from __future__ import annotations
@@ -17,17 +18,27 @@ from pathlib import Path
 from amisbench.errors import UserError
 from amisbench.store import write_problem
 
-from ._layout import PreparedWriter, check_out
+from ._layout import check_out
 from ._progress import Progress
 
-KINDS = ("lidc", "isic3")
+
+def preparable() -> list[str]:
+    """The registered datasets whose adapter converts source files (a ``prepare(src, out, progress)``)."""
+    from amisbench.registry import DATASETS
+
+    return [e.name for e in DATASETS.entries() if callable(getattr(e.obj, "prepare", None))]
 
 
 def prepare(kind: str, src: str | Path, out: str | Path, *, show_progress: bool = True) -> Path:
-    """Convert a real dataset into a prepared folder.
+    """Convert a real dataset into a prepared folder with the ``prepare`` of its registered adapter.
+
+    The adapter's ``prepare(src, out, progress)`` (a class or static method) reads ``src`` and writes ``out``
+    (through :class:`~amisbench.datasets._layout.PreparedWriter`, which renames a temporary folder at the
+    end); the checks of ``--from``/``--out`` and the translation of system errors into one-sentence
+    :class:`UserError` messages happen here, once for every dataset.
 
     Args:
-        kind: ``lidc`` or ``isic3``.
+        kind: a registered dataset with a ``prepare`` (``lidc``, ``isic3``, or a plugin's).
         src: the source file or folder (``--from``).
         out: the prepared folder to create (``--out``); it must not exist or be empty.
         show_progress: draw a progress bar on stderr.
@@ -39,37 +50,18 @@ def prepare(kind: str, src: str | Path, out: str | Path, *, show_progress: bool 
         UserError: an unknown kind, an existing non-empty ``out``, or any problem with the source (the
             message names the file and what was expected); nothing is left at ``out``.
     """
-    if kind not in KINDS:
-        raise UserError(f"unknown dataset '{kind}' for prepare; known: {', '.join(KINDS)}")
+    from amisbench.registry import DATASETS
+
+    adapter = DATASETS.get(kind) if kind in DATASETS else None
+    if adapter is None or not callable(getattr(adapter, "prepare", None)):
+        raise UserError(f"unknown dataset '{kind}' for prepare; known: {', '.join(preparable())}")
     src = Path(src).expanduser()
     out = check_out(Path(out))
     if src.exists() and out.resolve() == src.resolve():
         raise UserError(f"--out {out}: must differ from --from")
     progress = Progress(show_progress)
     try:
-        if kind == "lidc":
-            from . import _lidc_formats as lf
-
-            fmt, what = lf.detect(src)  # before creating anything
-            with PreparedWriter(out, kind) as w:
-                if fmt == "pickle":
-                    res = lf.from_pickle(what, src, w, progress)
-                elif fmt == "hdf5":
-                    res = lf.from_hdf5(what, w, progress)
-                else:
-                    res = lf.from_png_tree(what, w, progress)
-                return w.commit(**res)
-        from . import _isic_format as isf
-        from .isic3 import ISIC3Config
-
-        c = ISIC3Config()
-        if not src.exists():
-            raise UserError(f"--from {src}: no such folder; expected the ISIC3 folder (isic256_3_style) with Images/ "
-                            "and Segmentations/")
-        with PreparedWriter(out, kind) as w:
-            res = isf.from_isic_folder(src, w, progress, val_fraction=c.val_fraction, test_fraction=c.test_fraction,
-                                       seed=c.split_seed)
-            return w.commit(**res)
+        return Path(adapter.prepare(src, out, progress))
     except MemoryError:
         raise UserError(f"{src}: not enough memory to convert the source") from None
     except RecursionError:

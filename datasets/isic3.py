@@ -28,29 +28,30 @@ Training augmentation (defaults): horizontal and vertical flips, rotation in +-1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from amisbench.errors import UserError
 from amisbench.registry import register_dataset
 
-from ._adapter import PreparedDataset
+from ._adapter import PreparedConfig, PreparedDataset
 from ._isic_format import ATFM_LABEL, ZEPF_LABEL
-from ._layout import atfm_gtr_rows, atfm_paper_split, zepf_split
+from ._layout import PreparedWriter, atfm_gtr_rows, atfm_paper_split, zepf_split
+from ._progress import Progress
 
 
 @dataclass
-class ISIC3Config:
-    root: str = ""  # the prepared folder (``--data-root``)
+class ISIC3Config(PreparedConfig):
+    """ISIC3 settings (:class:`PreparedConfig`): native size 256 px, split by image, flips, rotation and scale."""
+
     protocol: Literal["clean", "zepf", "atfm-paper"] = "clean"
     entries: Literal["none", "train", "all"] = "none"  # list images once per annotation style (see above)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    split_seed: int = 0
-    size: int = 0  # 0: native 256 px; otherwise resize (image bilinear, masks by majority)
     hflip: bool = True
     vflip: bool = True
     rotate_deg: float = 15.0
     scale_range: tuple[float, float] = (0.9, 1.1)
-    verify: bool = True  # hash every prepared file against the manifest (once per process)
 
 
 @register_dataset("isic3")
@@ -63,3 +64,18 @@ class ISIC3(PreparedDataset):
     fixed_splits = {"atfm-paper": atfm_paper_split, "zepf": zepf_split}
     computed_protocols = ("atfm-paper", "zepf")
     stage_subsets = {"atfm-paper": {"gtr": atfm_gtr_rows}}
+
+    @classmethod
+    def prepare(cls, src: Path, out: Path, progress: Progress) -> Path:
+        """``amisbench data prepare isic3``: Zepf et al.'s ``isic256_3_style`` folder at ``src`` (Images/,
+        Segmentations/), split by this adapter's default fractions and seed."""
+        from ._isic_format import from_isic_folder
+
+        c = cls.Config()
+        if not src.exists():
+            raise UserError(f"--from {src}: no such folder; expected the ISIC3 folder (isic256_3_style) with Images/ "
+                            "and Segmentations/")
+        with PreparedWriter(out, cls.kind) as w:
+            res = from_isic_folder(src, w, progress, val_fraction=c.val_fraction, test_fraction=c.test_fraction,
+                                   seed=c.split_seed)
+            return w.commit(**res)

@@ -26,27 +26,22 @@ No augmentation by default (the ATFM paper and the Prob. U-Net release train LID
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from amisbench.registry import register_dataset
 
-from ._adapter import PreparedDataset
-from ._layout import atfm_gtr_rows, atfm_paper_split
+from ._adapter import PreparedConfig, PreparedDataset
+from ._layout import PreparedWriter, atfm_gtr_rows, atfm_paper_split
+from ._progress import Progress
 
 
 @dataclass
-class LIDCConfig:
-    root: str = ""  # the prepared folder (``--data-root``)
+class LIDCConfig(PreparedConfig):
+    """LIDC settings (:class:`PreparedConfig`): native size 128 px; the fractions split the pickle's slices by
+    patient; no augmentation."""
+
     protocol: Literal["clean", "atfm-paper"] = "clean"
-    val_fraction: float = 0.15  # clean split from the pickle: fraction of slices, whole patients
-    test_fraction: float = 0.15
-    split_seed: int = 0
-    size: int = 0  # 0: native 128 px; otherwise resize (image bilinear, masks by majority)
-    hflip: bool = False
-    vflip: bool = False
-    rotate_deg: float = 0.0
-    scale_range: tuple[float, float] = (1.0, 1.0)
-    verify: bool = True  # hash every prepared file against the manifest (once per process)
 
 
 @register_dataset("lidc")
@@ -60,3 +55,19 @@ class LIDC(PreparedDataset):
     }
     fixed_splits = {"atfm-paper": atfm_paper_split}
     stage_subsets = {"atfm-paper": {"gtr": atfm_gtr_rows}}
+
+    @classmethod
+    def prepare(cls, src: Path, out: Path, progress: Progress) -> Path:
+        """``amisbench data prepare lidc``: the Prob. U-Net pickle (a file or a folder of ``*.pickle`` parts),
+        the PHiSeg/CCDM HDF5 file or the DeepMind PNG crop tree at ``src``, detected before anything is written."""
+        from . import _lidc_formats as lf
+
+        fmt, what = lf.detect(src)
+        with PreparedWriter(out, cls.kind) as w:
+            if fmt == "pickle":
+                res = lf.from_pickle(what, src, w, progress)
+            elif fmt == "hdf5":
+                res = lf.from_hdf5(what, w, progress)
+            else:
+                res = lf.from_png_tree(what, w, progress)
+            return w.commit(**res)

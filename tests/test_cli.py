@@ -13,7 +13,7 @@ import pytest
 
 from amisbench import cli, grid
 from amisbench.registry import METHODS, PLUGINS_ENV, PluginWarning
-from amisbench.runner import default_results
+from amisbench.store import default_results
 
 PLUGINS = Path(__file__).parent / "plugins"
 

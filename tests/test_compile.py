@@ -30,7 +30,7 @@ def test_compiled_sampling_matches_eager(name, targets):
 
 @pytest.mark.slow
 def test_timing_compiles_before_the_warm_up(tmp_path):
-    from amisbench import timing
+    from amisbench.report import timing
     from amisbench.errors import UserError
 
     with pytest.raises(UserError, match="--compile needs at least one --warmup call"):

@@ -10,7 +10,8 @@ import torch
 import yaml
 from torch import nn
 
-from amisbench import cli, figures
+from amisbench import cli
+from amisbench.report import figures
 from amisbench.api import Method
 from amisbench.errors import UserError
 from amisbench.metrics import ged, hm_iou

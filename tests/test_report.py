@@ -9,8 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from amisbench import cli, figures
-from amisbench.report import write_report
+from amisbench import cli
+from amisbench.report import figures
+from amisbench.report.page import write_report
 from amisbench.runner import run
 
 

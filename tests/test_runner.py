@@ -17,8 +17,9 @@ import yaml
 
 from amisbench import cli
 from amisbench.config import StageConfig, resolve
+from amisbench.report.formats import to_markdown
+from amisbench.report.tables import build, build_table
 from amisbench.runner import batch_indices, lr_factor, run
-from amisbench.tables import build, build_table, to_markdown
 
 SMOKE = dict(profile="smoke", quiet=True)
 

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from amisbench import stats
-from amisbench.tables import Table, to_markdown
+from amisbench.report import stats
+from amisbench.report.formats import to_markdown
+from amisbench.report.tables import Table
 
 
 def test_identical_values_give_a_zero_width_interval():

@@ -16,8 +16,9 @@ import yaml
 
 from amisbench import cli
 from amisbench.errors import UserError
-from amisbench.tables import (build, build_table, load_definitions, paper_numbers, to_csv, to_latex,
-                              to_markdown)
+from amisbench.report.definitions import load_definitions, paper_numbers
+from amisbench.report.formats import to_csv, to_latex, to_markdown
+from amisbench.report.tables import build, build_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from amisbench import cli, timing
+from amisbench import cli
+from amisbench.report import timing
 from amisbench.api import Method
 from amisbench.errors import UserError
 from amisbench.registry import METHODS

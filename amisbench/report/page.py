@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from ..errors import UserError
+from ..metric_registry import column_order, direction
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,18 +66,8 @@ class Board:
     primary: str | None = None  # the metric the rows are ordered by
 
 
-def direction(metric: str) -> bool | None:
-    """higher_is_better of a metric key from its metadata (None for keys that are not metrics)."""
-    from .metrics import metric_info
-
-    try:
-        return metric_info(metric).higher_is_better
-    except ValueError:
-        return None
-
-
 def _row_key(label: str, kind: str) -> str:
-    from .reference import SUFFIX
+    from ..reference import SUFFIX
 
     return label if kind == MINE else label + SUFFIX
 
@@ -85,9 +76,8 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
     """Leaderboards of ``dataset`` over every source (one per protocol and profile found)."""
     import pandas as pd
 
-    from .results import summarize
+    from ..results import summarize
     from .stats import is_calibration, column_stats, per_image
-    from .tables import DEFAULT_ORDER
 
     frames = [s.runs.assign(source=s.kind) for s in sources if not s.runs.empty]
     if not frames:
@@ -97,7 +87,7 @@ def boards(sources: list[Source], dataset: str) -> list[Board]:
     out = []
     for (protocol, profile), part in df.groupby(["protocol", "profile"], sort=True):
         present = list(part["metric"].unique())
-        metrics = [m for m in DEFAULT_ORDER if m in present] + sorted(set(present) - set(DEFAULT_ORDER))
+        metrics = column_order(present)
         b = Board(dataset, str(protocol), str(profile), next((x for x in part["protocol_label"] if x), ""),
                   [], {}, {}, {}, metrics, {})
         for (kind, label), rows in part.groupby(["source", "label"], sort=False):
@@ -203,7 +193,7 @@ if(location.hash==='#selftest'){window.addEventListener('load',function(){
 
 
 def board_html(b: Board) -> str:
-    from .display import display_name
+    from ..display import display_name
     from .stats import PROCEDURE, WORSE_MARK, is_calibration
 
     parts = []
@@ -250,12 +240,12 @@ def board_html(b: Board) -> str:
 
 
 def table_html(t: Table) -> str:
-    """Any :class:`~amisbench.tables.Table` (paper comparison, Table 3) as an HTML table with its notes.
+    """Any :class:`~amisbench.report.tables.Table` (paper comparison, Table 3) as an HTML table with its notes.
 
     Compact: one column per metric, our value on top and the paper's number with the difference below; a
     row without runs says why once, under its name.
     """
-    from .reference import is_reference_row
+    from ..reference import is_reference_row
 
     head = ['<th class="name">method</th>'] + [f"<th>{esc(t.headers.get(c, c))}{_header('', t.direction(c))}</th>"
                                               for c in t.columns]
@@ -310,7 +300,7 @@ def _command(info: dict, run_dir: Path) -> str:
 
 
 def provenance_html(b: Board) -> str:
-    from .display import display_name
+    from ..display import display_name
 
     rows = []
     for r in b.rows:
@@ -345,8 +335,10 @@ def provenance_html(b: Board) -> str:
 def paper_tables(results: Path, dataset: str, hide_reference: bool) -> tuple[list[str], list[str]]:
     """HTML of every table definition about ``dataset`` (the paper's numbers beside ours; Table 3 per
     device), and notes on what was left out."""
-    from .reference import reference_results, with_reference
-    from .tables import build_table, load_definitions, timing_records
+    from ..reference import reference_results, with_reference
+    from .cells import timing_records
+    from .definitions import load_definitions
+    from .tables import build_table
 
     out, skipped = [], []
     for tid, d in load_definitions().items():
@@ -413,8 +405,8 @@ def figures_html(figs: list[tuple[str, str, str]], dataset: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def sources_of(results: Path | str, hide_reference: bool = False) -> list[Source]:
-    from .reference import reference_results
-    from .results import scan
+    from ..reference import reference_results
+    from ..results import scan
 
     out = [Source(MINE, Path(results), scan(results)[0])]
     ref = reference_results(hide_reference)
@@ -430,9 +422,9 @@ def write_report(results: Path | str, out: Path | str, dataset: str | None = Non
     Returns:
         The path of ``index.html``.
     """
-    from . import __version__
-    from .reference import REGENERATE
-    from .store import atomic_write_text
+    from .. import __version__
+    from ..reference import REGENERATE
+    from ..store import atomic_write_text
 
     results, out = Path(results), Path(out)
     sources = sources_of(results, hide_reference)
@@ -491,8 +483,7 @@ CLI_HELP = "write a self-contained results page (HTML and images in one folder) 
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .reference import add_hide_option
+    from ..options import add_hide_option, add_results_option
 
     p.add_argument("--dataset", default=None, help="only this dataset (default: every dataset with results)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default <results>/report)")
@@ -501,10 +492,10 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
-    from .runner import default_results
-    from .store import check_output_dir
+    from ..options import results_folder
+    from ..store import check_output_dir
 
-    results = a.results or default_results()
+    results = results_folder(a)
     out = check_output_dir(a.out or Path(results) / "report", "--out")  # before any work
     path = write_report(results, out, a.dataset, a.no_reference)
     print(path)

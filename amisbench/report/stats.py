@@ -244,7 +244,7 @@ WORSE_MARK = "†"
 def is_calibration(label: str) -> bool:
     """Rows that calibrate the metrics rather than compete (floor and ceiling: ``reference_rows`` of
     configs/tables.yaml): intervals, but no comparison."""
-    from .tables import label_method, reference_methods
+    from .definitions import label_method, reference_methods
 
     return label_method(label) in reference_methods()
 
@@ -253,7 +253,7 @@ def row_values(results: Path | str, dataset: str, profile: str | None, protocol:
                ) -> dict[str, pd.DataFrame]:
     """Result label -> per-image values (averaged over seeds) of the finished runs of one dataset, profile
     and protocol under ``results``."""
-    from .results import scan, select_runs
+    from ..results import scan, select_runs
 
     df, _ = scan(results)
     df, _, _ = select_runs(df, dataset, profile, protocol)
@@ -266,7 +266,7 @@ def row_values(results: Path | str, dataset: str, profile: str | None, protocol:
 
 
 def mark_table(t, values: dict[str, pd.DataFrame]) -> dict[tuple[str, str], CellStats]:
-    """Put :data:`WORSE_MARK` on the cells of ``t`` (a :class:`~amisbench.tables.Table`) whose row is
+    """Put :data:`WORSE_MARK` on the cells of ``t`` (a :class:`~amisbench.report.tables.Table`) whose row is
     significantly worse than the column's best row, and the procedure in its notes.
 
     Args:

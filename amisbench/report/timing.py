@@ -24,14 +24,15 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
-from .errors import UserError
-from .evaluate import sample_items
-from .store import TIMING, run_label
+from ..errors import UserError
+from ..store import TIMING, run_label
+
+if TYPE_CHECKING:
+    import torch
 
 
 # indirections so that tests can check the order of synchronisation and clock reads
@@ -40,6 +41,8 @@ _timed_here = 0  # methods timed in this process so far (CPU peak memory is per 
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":  # pragma: no cover - no MPS in CI
@@ -48,6 +51,8 @@ def _sync(device: torch.device) -> None:
 
 def device_tag(device: torch.device) -> str:
     """Folder name of a device under results/timing: ``cpu`` or ``cuda-<name>`` (e.g. cuda-NVIDIA-H100...)."""
+    import torch
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return "cuda-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
@@ -55,6 +60,8 @@ def device_tag(device: torch.device) -> str:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
@@ -84,7 +91,7 @@ def nfe_label(fixed: float, per: float) -> str:
 
 def table_inference() -> dict[str, list[str]]:
     """The Table 3 sampler settings per method (configs/tables.yaml, ``inference`` of the timing table)."""
-    from .tables import load_definitions
+    from .definitions import load_definitions
 
     for d in load_definitions().values():
         if d.kind == "timing":
@@ -101,10 +108,10 @@ def _build(method: str, dataset: str, *, profile: str, variant: str | None, seed
            user_sets: list[str], device: torch.device, untrained: bool, results: Path | str | None,
            protocol: str | None, data_root: str | None):
     """The model (eval mode, on ``device``), its evaluation dataset, and the run folder (None if untrained)."""
-    from .factory import build_method, load_trained
-    from .registry import DATASETS
-    from .runner import RunSpec, prepare
-    from .store import is_done
+    from ..factory import build_method, load_trained
+    from ..registry import DATASETS
+    from ..runner import RunSpec, prepare
+    from ..store import is_done
 
     if untrained:
         res, _ = prepare(RunSpec(method, dataset, seed, profile, variant, [*sets, *user_sets], str(device),
@@ -133,9 +140,9 @@ def with_settings(model: torch.nn.Module, res: Any, sets: list[str], device: tor
     import copy
     import dataclasses
 
-    from .config import apply_set, parse_set, validate
-    from .factory import build_method
-    from .store import CheckpointError
+    from ..config import apply_set, parse_set, validate
+    from ..factory import build_method
+    from ..store import CheckpointError
 
     items = parse_set(sets)
     if not items:
@@ -162,8 +169,11 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     Args:
         inference: method -> sampler settings to apply (default: Table 3's of configs/tables.yaml).
     """
-    from .env import git_info, pick_device
-    from .runner import default_results
+    import torch
+
+    from ..env import git_info, pick_device
+    from ..evaluate import sample_items
+    from ..store import default_results
 
     if samples < 1 or images < 1 or warmup < 0:
         raise UserError(f"--samples {samples} --images {images} --warmup {warmup}: expected samples >= 1, "
@@ -186,14 +196,14 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
     amp = dtypes[dtype]
     compiled: list[str] = []
     if compile:
-        from .api import compile_networks
+        from ..api import compile_networks
 
         if warmup < 1:
             raise UserError("--compile needs at least one --warmup call (compilation happens at the first call)")
         compiled = compile_networks(model)
 
     def draw(x: torch.Tensor, i: int) -> torch.Tensor:
-        from .seeding import generator
+        from ..seeding import generator
 
         g = generator(dev, "timing", seed, i)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -247,7 +257,7 @@ def time_method(method: str, dataset: str, *, samples: int = 100, images: int = 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(),
     }
     if save:
-        from .store import write_json
+        from ..store import write_json
 
         path = results / TIMING / rec["device_tag"] / f"{dataset}__{label}.json"
         write_json(path, rec)
@@ -314,7 +324,7 @@ RELEASE_LOOP: dict[str, list[str]] = {"atfm": ["method.sampler=release_loop"]}
 def release_loop_settings(method: str, dataset: str, profile: str, variant: str | None = None) -> tuple[list[str], str]:
     """The sampler settings that draw like the release (``RELEASE_LOOP``), or, for a method that samples in
     chunks, one sample per network call (``method.sample_chunk=1``); with a label saying which."""
-    from .config import resolve
+    from ..config import resolve
 
     if method in RELEASE_LOOP:
         return list(RELEASE_LOOP[method]), "the release's loop"
@@ -326,7 +336,7 @@ def release_loop_settings(method: str, dataset: str, profile: str, variant: str 
 
 def paper_seconds() -> dict[str, float]:
     """Table 3's seconds for 100 samples of one LIDC image (the paper's RTX 3090), per method."""
-    from .tables import paper_numbers
+    from .definitions import paper_numbers
 
     rows = (paper_numbers().get("table3_timing_lidc") or {}).get("rows") or {}
     return {m: float(r["seconds_100_samples"]) for m, r in rows.items() if "seconds_100_samples" in r}
@@ -364,11 +374,13 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
     """
     import copy
 
-    from .env import pick_device
-    from .factory import build_method
-    from .pace import estimate
-    from .registry import DATASETS
-    from .runner import RunSpec, prepare, stage_steps, warmup_step
+    import torch
+
+    from ..env import pick_device
+    from ..factory import build_method
+    from ..pace import estimate
+    from ..registry import DATASETS
+    from ..runner import RunSpec, prepare, stage_steps, warmup_step
 
     if steps < 1:
         raise UserError(f"--steps {steps}: expected at least one timed step per stage")
@@ -400,7 +412,7 @@ def time_training(method: str, dataset: str, *, profile: str = "quick", device: 
 def train_report(recs: list[dict]) -> str:
     lines = ["| method | stage | batch | steps/s float32 | steps/s bf16 autocast | bf16 / fp32 | stage steps | "
              "stage time fp32 | device | torch |", "|" + "---|" * 10]
-    from .pace import duration
+    from ..pace import duration
 
     keyed = {(r["label"], r["stage"], r["dtype"]): r for r in recs}
     for r in recs:
@@ -425,8 +437,8 @@ CLI_HELP = "time drawing 100 samples per image (Table 3 protocol) and write resu
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .config import PROFILES
+    from ..options import add_results_option
+    from ..config import PROFILES
 
     p.add_argument("--method", required=True, help="method name(s), comma-separated (e.g. atfm,ccdm)")
     p.add_argument("--dataset", required=True, help="dataset whose test images to sample")
@@ -460,12 +472,12 @@ def configure_parser(p) -> None:
 
 
 def command(a) -> int:
-    from .env import pick_device
+    from ..env import pick_device
 
     methods = [m.strip() for m in a.method.split(",") if m.strip()]
     if not methods:
         raise UserError("--method: expected one or more method names, e.g. atfm,ccdm")
-    from .registry import DATASETS, METHODS
+    from ..registry import DATASETS, METHODS
 
     for m in methods:  # every name before timing anything
         METHODS.get(m)

@@ -28,24 +28,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .errors import UserError
-from .evaluate import sample_items
-from .store import RunSpec
+from ..errors import UserError
+from ..store import RunSpec
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
 FIGURES = "figures"
 KINDS = ("samples", "steps", "alpha")
 CURVE_METRICS = ("GED_100", "HMIoU_32")
 
 
-def _title(metric: str) -> str:
-    prefix, _, n = metric.rpartition("_")
-    name = {"GED": "GED", "HMIoU": "HM-IoU"}.get(prefix, prefix)
-    return f"{name}$_{{{n}}}$ ({'lower' if prefix == 'GED' else 'higher'} is better)"
+def metric_title(metric: str) -> str:
+    """The axis title of a metric column, from the metric registry (``HM-IoU$_{32}$ (higher is better)``)."""
+    from ..metric_registry import axis_label
+
+    return axis_label(metric)
 
 
 def _curve_keys(keys) -> list[str]:
@@ -78,7 +78,7 @@ def _plt():
 def _save(fig, out: Path, stem: str, formats: tuple[str, ...], dpi: int = 150) -> list[Path]:
     import io
 
-    from .store import atomic_write_bytes
+    from ..store import atomic_write_bytes
 
     paths = []
     for fmt in formats:
@@ -93,7 +93,7 @@ def _save(fig, out: Path, stem: str, formats: tuple[str, ...], dpi: int = 150) -
 def _finished(results: Path | str, dataset: str, label: str, profile: str | None, protocol: str | None,
               seeds: list[int] | None = None) -> pd.DataFrame:
     """One row per finished run (run_dir, seed, profile) of ``label`` on ``dataset``."""
-    from .results import scan, select_runs
+    from ..results import scan, select_runs
 
     df, _ = scan(results)
     if seeds is not None:
@@ -118,7 +118,9 @@ def _image_rgb(img: torch.Tensor) -> np.ndarray:
 
 def reader_disagreement(masks: torch.Tensor) -> float:
     """Mean pairwise 1 - IoU between the readers' masks of one image (two empty masks: IoU 1)."""
-    from .metrics import pairwise_iou
+    import torch
+
+    from ..metrics import pairwise_iou
 
     m = masks.bool()
     iou = pairwise_iou(m, m)
@@ -267,10 +269,11 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     ``k`` samples (first row: of all readers), with the readers' contours dashed. ``samples.png/.pdf`` is two columns wide (7 in, every image), ``samples_1col.png/.pdf`` one
     column (3.5 in, the first image).
     """
-    from .display import display_name
-    from .env import pick_device
-    from .factory import load_trained
-    from .seeding import generator
+    from ..display import display_name
+    from ..env import pick_device
+    from ..evaluate import sample_items
+    from ..factory import load_trained
+    from ..seeding import generator
 
     plt, sns = _plt()
     dev = pick_device(device)
@@ -337,8 +340,11 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
 def evaluate_subset(model: Any, ds: Any, indices: list[int], *, samples: int, seed: int, device: torch.device,
                     batch: int = 4) -> dict[str, float]:
     """Mean GED_<samples> and HMIoU_<min(32, samples)> (and diversity) over ``indices``, one draw per image."""
-    from .metrics import table_metrics
-    from .seeding import generator
+    import torch
+
+    from ..evaluate import sample_items
+    from ..metrics import table_metrics
+    from ..seeding import generator
 
     vals: dict[str, list[float]] = {}
     for s in range(0, len(indices), batch):
@@ -369,7 +375,7 @@ def _curve_plot(df: pd.DataFrame, x: str, xlabel: str, title: str, out: Path, st
             ax.annotate(f"n={n}", (xv, yv), textcoords="offset points", xytext=(5, -11), ha="left", fontsize=7,
                         color="0.3")
         ax.set_xlabel(xlabel)
-        ax.set_title(_title(m))
+        ax.set_title(metric_title(m))
         if xscale == "symlog":
             nonzero = sorted(v for v in agg[x] if v > 0)
             ax.set_xscale("symlog", linthresh=nonzero[0] if nonzero else 1.0)
@@ -407,9 +413,9 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     """GED_100 / HM-IoU_32 against ``param`` (default the sampler's Euler steps) for every finished seed."""
     import pandas as pd
 
-    from .env import pick_device
-    from .factory import load_trained
-    from .store import atomic_write_text
+    from ..env import pick_device
+    from ..factory import load_trained
+    from ..store import atomic_write_text
     from .timing import with_settings
 
     values = values or [1, 5, 10, 25, 50]
@@ -487,7 +493,7 @@ def alpha_table(results: Path | str, dataset: str, *, method: str = "atfm", para
     under ``results`` and its sweeps, with x = the run's ``param`` from its config.yaml."""
     import pandas as pd
 
-    from .results import scan, select_runs
+    from ..results import scan, select_runs
 
     frames = []
     for root in result_roots(results):
@@ -510,7 +516,7 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
                  profile: str | None = None, protocol: str | None = None, out: Path | None = None,
                  formats: tuple[str, ...] = ("png", "pdf")) -> Figure:
     """GED_100 / HM-IoU_32 against ``param`` over runs that differ in it (Fig. 6c style)."""
-    from .store import atomic_write_text
+    from ..store import atomic_write_text
 
     df = alpha_table(results, dataset, method=method, param=param, profile=profile, protocol=protocol)
     if df["x"].nunique() < 2:
@@ -522,7 +528,7 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
     atomic_write_text(out / "alpha.csv", df.to_csv(index=False))
     default = None
     try:
-        from .config import resolve
+        from ..config import resolve
 
         section, _, key = param.partition(".")
         default = getattr(getattr(resolve(method, dataset, df["profile"].iloc[0]).cfg, section), key)
@@ -542,8 +548,8 @@ CLI_HELP = "draw Fig. 4/5 (samples) and Fig. 6 (metrics vs. steps and alpha) fro
 
 
 def configure_parser(p) -> None:
-    from .cli import add_results_option
-    from .config import PROFILES
+    from ..options import add_results_option
+    from ..config import PROFILES
 
     p.add_argument("--dataset", required=True, help="dataset of the runs")
     p.add_argument("--kind", default="samples", choices=[*KINDS, "all"], help="which figure (default samples)")
@@ -575,11 +581,11 @@ def _ints(s: str, what: str) -> list[int]:
 
 
 def command(a) -> int:
-    from .runner import default_results
+    from ..options import results_folder
 
-    results = a.results or default_results()
+    results = results_folder(a)
     if a.out is not None:
-        from .store import check_output_dir
+        from ..store import check_output_dir
 
         check_output_dir(a.out, "--out")
     kinds = KINDS if a.kind == "all" else (a.kind,)
@@ -602,7 +608,7 @@ def command(a) -> int:
 
 def _one_kind(kind: str, a, results: Path) -> list[Path]:
     """The files of one figure kind (UserError when its runs are missing)."""
-    from .results import scan
+    from ..results import scan
 
     if kind == "samples":
         if a.method:
