@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import os
@@ -74,7 +75,8 @@ def build_parser() -> Parser:
                    help="torch CPU threads (default: the cores free now: usable cores minus the load average, "
                    "at least 1, so that a busy machine is not oversubscribed)")
     p.add_argument("--no-estimate", dest="estimate", action="store_false",
-                   help="skip the timed warm-up that prints the expected training and evaluation time first")
+                   help="skip the timed warm-up that prints the expected training and evaluation time first "
+                        "(it runs once per command, before the first seed that trains)")
 
     for name, modname in COMMAND_MODULES.items():  # table, timing, figures, grid: each module owns its flags
         mod = importlib.import_module(modname)
@@ -253,6 +255,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .env import pick_device
     from .progress import Reporter
     from .runner import prepare, run_spec
+    from .store import is_done
 
     specs, o, origin = run_specs(a)
     if a.threads is not None and a.threads < 1:
@@ -266,8 +269,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     rep = Reporter(a.quiet)
     rep.line(describe_threads(threads, a.threads is not None))
-    failed = []
-    for spec in specs:
+    failed, estimated = [], False
+    for spec, (_, folder) in zip(specs, prepared):
+        if estimated:  # the later seeds of one command have the same settings: one warm-up is enough
+            spec = dataclasses.replace(spec, estimate=False)
+        estimated = estimated or (spec.estimate and not a.quiet and (spec.force or not is_done(folder)))
         try:
             folder = run_spec(spec, rep)
             if not a.quiet:

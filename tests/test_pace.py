@@ -109,3 +109,18 @@ def test_cli_threads(tmp_path, capsys):
         assert info["env"]["torch_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_warm_up_per_command_before_the_first_seed_that_trains(tmp_path, capsys):
+    before = torch.get_num_threads()
+    base = ["run", "--method", "unet", "--dataset", "synthetic", "--profile", "smoke", "--threads", "1",
+            "--results", str(tmp_path)]
+    try:
+        assert cli.main(base + ["--seed", "0", "--no-estimate"]) == 0
+        capsys.readouterr()
+        assert cli.main(base + ["--seeds", "3"]) == 0  # seed 0 is finished: the warm-up runs before seed 1
+        err = capsys.readouterr().err
+        assert err.count("estimate: training") == 1 and err.count("estimate: evaluation") == 1
+        assert err.index("seed 1): estimate: training") < err.index("seed 2)")
+    finally:
+        torch.set_num_threads(before)
