@@ -368,7 +368,7 @@ def _run_locked(spec: RunSpec, rep: Reporter, res: Resolved, folder: Path, dev: 
                         f"{spec.method} on {spec.dataset} (seed {spec.seed}); lower train.{stage}.lr "
                         f"(now {sc.lr:g}) or set train.{stage}.grad_clip; the last checkpoint is kept")
                 gnorm = update(loss, params, opt, sched, sc)
-                if plateau is not None:
+                if plateau is not None and plateau.metric in SEL.TRAIN_LOSSES:  # (a host sync: only when watched)
                     plateau.add_loss(float(loss.detach()))
                 if ema is not None:
                     with torch.no_grad():

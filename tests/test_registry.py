@@ -6,6 +6,7 @@ import pytest
 from amisbench import cli
 from amisbench.errors import UserError
 from amisbench.registry import DATASETS, METHODS, Registry
+from method_helpers import install_entry_point  # tests/fixtures, on sys.path by tests/conftest.py
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -13,12 +14,8 @@ PLUGINS = Path(__file__).parent / "plugins"
 @pytest.fixture
 def tiny_entry_point(monkeypatch):
     """Fake what `pip install` of a package declaring [project.entry-points."amisbench.methods"] does."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    ep = EntryPoint("tiny", "amisbench_tiny_plugin:TinyMethod", "amisbench.methods")
-    real = METHODS._entry_points
-    monkeypatch.setattr(METHODS, "_entry_points", lambda: [*real(), ep])
-    monkeypatch.setattr(METHODS, "_scanned_entry_points", False)
-    yield ep
+    yield install_entry_point(monkeypatch, METHODS, "tiny", "amisbench_tiny_plugin:TinyMethod", "amisbench.methods",
+                              PLUGINS)
     METHODS.unregister("tiny")
 
 

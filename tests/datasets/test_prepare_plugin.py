@@ -2,7 +2,6 @@
 ``prepare`` (tests/plugins/amisbench_toy_dataset.py, installed through an entry point) is listed, converts its
 files and is read back, with no edit to amisbench."""
 
-from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from amisbench import cli
 from amisbench.datasets._prepare import preparable
 from amisbench.registry import DATASETS
+from method_helpers import install_entry_point  # tests/fixtures, on sys.path by tests/conftest.py
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
 
@@ -18,11 +18,7 @@ PLUGINS = Path(__file__).parents[1] / "plugins"
 @pytest.fixture
 def toy_dataset(monkeypatch):
     """What `pip install` of a package declaring [project.entry-points."amisbench.datasets"] does."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    ep = EntryPoint("toyset", "amisbench_toy_dataset:ToySet", "amisbench.datasets")
-    real = DATASETS._entry_points
-    monkeypatch.setattr(DATASETS, "_entry_points", lambda: [*real(), ep])
-    monkeypatch.setattr(DATASETS, "_scanned_entry_points", False)
+    install_entry_point(monkeypatch, DATASETS, "toyset", "amisbench_toy_dataset:ToySet", "amisbench.datasets", PLUGINS)
     yield
     DATASETS.unregister("toyset")
 
