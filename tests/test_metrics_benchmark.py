@@ -16,7 +16,8 @@ Each test prints the ratio ``reference / ours`` of the fastest of a few alternat
 of the process (a shared machine distorts it far less than wall time) and by wall time, beside the
 target, and stores the figures as ``extra_info`` (``--benchmark-json``). Without ``--benchmark-only`` the data shrinks to a few images so the suite stays
 quick; ``AMISBENCH_BENCH_IMAGES=<k>`` sets the number of images, ``AMISBENCH_BENCH_THREADS`` the torch
-threads (default 1: the reference is single-threaded). Nothing asserts on wall-clock time: the tests
+threads (default 1, like the reference, whose numpy BLAS is held to one thread while the file runs).
+Nothing asserts on wall-clock time: the tests
 assert that ours and the reference give the same numbers.
 """
 
@@ -143,13 +144,51 @@ CASES = {
 }
 
 
+def _numpy_blas():
+    """``(get, set)`` of the thread count of the OpenBLAS numpy's wheel loads (``numpy.libs``), or ``None``.
+
+    numpy's BLAS starts one thread per core: the reference's products would run on two threads, and
+    their spin-waits count as CPU time of this process (on a busy machine several times the work).
+    """
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by numpy: the same library
+        except OSError:
+            continue
+        for suffix in ("64_", "_64_", ""):
+            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None) or getattr(
+                lib, f"openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None) or getattr(
+                lib, f"openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                return get, put
+    return None
+
+
+def blas_threads() -> str:
+    """numpy's BLAS threads as printed beside the ratios ('unknown' for a BLAS we cannot ask)."""
+    blas = _numpy_blas()
+    return "unknown" if blas is None else str(blas[0]())
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _torch_threads():
-    """One torch thread by default, like the reference; ``AMISBENCH_BENCH_THREADS=2`` uses two."""
+    """One torch thread and one numpy BLAS thread by default: the reference is single-threaded, and so is
+    ours; ``AMISBENCH_BENCH_THREADS=2`` gives torch two."""
     before = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("AMISBENCH_BENCH_THREADS", "1")))
+    blas = _numpy_blas()
+    blas_before = blas[0]() if blas else None
+    if blas:
+        blas[1](1)
     yield
     torch.set_num_threads(before)
+    if blas:
+        blas[1](blas_before)
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +237,10 @@ def test_bench_metric_vs_reference(benchmark, data, name):
     benchmark.extra_info.update(images=len(samples), samples=N_SAMPLES, readers=N_READERS, size=SIZE,
                                 ours_cpu_s=mine_cpu, reference_cpu_s=theirs_cpu, ratio_cpu=ratio,
                                 ours_wall_s=mine_wall, reference_wall_s=theirs_wall, ratio_wall=ratio_wall,
-                                target=target, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                                load_average=os.getloadavg()[0])
+                                target=target, torch_threads=torch.get_num_threads(), blas_threads=blas_threads(),
+                                cpu_count=os.cpu_count(), load_average=os.getloadavg()[0])
     print(f"\n{name}: CPU time ours {mine_cpu * 1e3:.1f} ms, reference {theirs_cpu * 1e3:.1f} ms, ratio "
           f"{ratio:.1f}x (target >= {target:g}x); wall {mine_wall * 1e3:.1f} / {theirs_wall * 1e3:.1f} ms = "
           f"{ratio_wall:.1f}x ({len(samples)} images of {SIZE} px, {N_SAMPLES} samples x {N_READERS} readers, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})")
+          f"torch threads {torch.get_num_threads()}, numpy BLAS threads {blas_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f})")
