@@ -72,6 +72,8 @@ def test_samples_grid_images_readers_and_k_samples_per_method(runs):
     # sized for a two-column page (7 in) and one column (3.5 in) at 300 dpi; bbox "tight" trims a little
     assert 6.3 * 300 < img.shape[1] < 7.3 * 300 and 3.0 * 300 < one.shape[1] < 3.7 * 300
     assert fig.data["images"] == [3, 0] and fig.data["readers"] == 4
+    assert len(fig.data["zoom"]) == 2 and all(0 <= r0 < r1 <= 32 and 0 <= c0 < c1 <= 32
+                                              for r0, r1, c0, c1 in fig.data["zoom"])
     for m in ("ssn", "stepsfake"):
         assert [a.shape for a in fig.data["methods"][m]] == [(3, 32, 32)] * 2  # smoke: 32 px
     assert all(a.all() for a in fig.data["methods"]["stepsfake"])  # its samples at 25 steps: full masks
@@ -84,6 +86,32 @@ def test_samples_grid_images_readers_and_k_samples_per_method(runs):
         per = pd.read_csv(runs / f"runs/synthetic/{m}/smoke/seed-0/per_image.csv")
         mean_ged[m] = per[(per["metric"] == "GED_100") & per["id"].isin(ids)]["value"].mean()
     assert fig.data["metric"] == "GED_100" and fig.data["order"] == sorted(mean_ged, key=mean_ged.get)
+
+
+def test_samples_figure_zooms_to_the_readers_and_the_samples_they_share():
+    shape = (64, 64)
+    readers = np.zeros((2, *shape), dtype=bool)
+    readers[0, 20:30, 22:28] = True
+    readers[1, 24:34, 26:30] = True
+    a = np.zeros((3, *shape), dtype=bool)
+    a[:2, 30:36, 30:34] = True  # set in two samples: inside the view
+    a[2, 60, 2] = True  # a stray pixel of one sample: does not widen it
+    rows, cols = figures.zoom_box(readers, [a], shape)
+    assert (rows.stop - rows.start) == (cols.stop - cols.start) >= 16  # square
+    assert rows.start <= 20 and rows.stop >= 36 and cols.start <= 22 and cols.stop >= 34
+    assert not (rows.start <= 60 < rows.stop and cols.start <= 2 < cols.stop)
+    assert 0 <= rows.start and rows.stop <= 64 and 0 <= cols.start and cols.stop <= 64
+    # nothing set, or masks over most of the image: the whole image
+    whole = (slice(0, 64), slice(0, 64))
+    assert figures.zoom_box(np.zeros((2, *shape), bool), [np.zeros((3, *shape), bool)], shape) == whole
+    big = np.zeros((1, *shape), dtype=bool)
+    big[0, 5:60, 5:60] = True
+    assert figures.zoom_box(big, [], shape) == whole
+    # near the border the square view is moved inside the image
+    edge = np.zeros((1, *shape), dtype=bool)
+    edge[0, 0:4, 60:64] = True
+    r, c = figures.zoom_box(edge, [], shape)
+    assert r.start == 0 and c.stop == 64 and r.stop - r.start == c.stop - c.start == 16
 
 
 def test_display_names_come_from_the_table_definitions():

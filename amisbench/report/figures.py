@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -158,13 +158,17 @@ def _per_image_metric(run_dir: Path | str, ids: list[str], metric: str | None = 
     return metric, dict(zip(sel["id"], sel["value"].astype(float)))
 
 
-def _draw_mask(ax, image: np.ndarray, mask: np.ndarray, color, *, fill: bool = True, lw: float = 0.9) -> None:
-    """A mask over its image: translucent fill and its contour (nothing drawn for an empty mask)."""
+def _draw_mask(ax, image: np.ndarray, mask: np.ndarray, color, *, fill: bool = True, lw: float = 0.9,
+               hidden: bool = False) -> None:
+    """A mask over its image: translucent fill and its contour (nothing drawn for an empty mask).
+
+    ``hidden``: the mask has pixels outside the shown part of the image (labelled when none is inside)."""
     from matplotlib.colors import ListedColormap
 
     ax.imshow(image, cmap="gray", interpolation="nearest")
     if not mask.any():
-        ax.text(0.5, 0.93, "empty", transform=ax.transAxes, ha="center", va="top", fontsize=5, color="white")
+        ax.text(0.5, 0.93, "outside view" if hidden else "empty", transform=ax.transAxes, ha="center", va="top",
+                fontsize=5, color="white")
         return
     if fill:
         ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([color]), alpha=0.35, interpolation="nearest")
@@ -183,7 +187,31 @@ def _draw_map(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmax: float,
     return im
 
 
-def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]], images: list[np.ndarray],
+def zoom_box(readers: np.ndarray, samples: Sequence[np.ndarray], shape: tuple[int, int], *,
+             margin: float = 0.35, min_side: int = 16) -> tuple[slice, slice]:
+    """The square part of an image the samples figure shows: the box of the readers' pixels and of the
+    pixels set in at least two of the shown samples (all methods; a stray pixel of one sample does not
+    widen it), widened by ``margin`` of its side on each side and to at least ``min_side`` pixels, moved
+    inside the image. The whole image when nothing is set or the box would cover most of it."""
+    height, width = shape
+    union = readers.reshape(-1, height, width).any(axis=0)
+    votes = sum((m.reshape(-1, height, width).sum(axis=0) for m in samples if m.size), np.zeros(shape, int))
+    union = union | (votes >= 2)
+    if not union.any():
+        return slice(0, height), slice(0, width)
+    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    side = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    side = max(min_side, int(np.ceil(side * (1 + 2 * margin))))
+    if side >= 0.8 * min(height, width):
+        return slice(0, height), slice(0, width)
+    centre_r, centre_c = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    r0 = int(min(max(0, round(centre_r - side / 2)), height - side))
+    c0 = int(min(max(0, round(centre_c - side / 2)), width - side))
+    return slice(r0, r0 + side), slice(c0, c0 + side)
+
+
+def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str], list[np.ndarray]]],
+                    images: list[np.ndarray],
                     readers: list[np.ndarray], heads: list[str], k: int, width: float, title: str):
     """The grid: one row per method (readers first), per image ``k`` sample panels, the mean and variance.
 
@@ -206,7 +234,7 @@ def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]
         pad = 0.02 * cell
         return fig.add_axes([(x + pad) / width, (y + pad) / height, (cell - 2 * pad) / width, (cell - 2 * pad) / height])
 
-    for r, (name, draws, notes) in enumerate(rows):
+    for r, (name, draws, notes, outside) in enumerate(rows):
         for b, (image, masks, truth) in enumerate(zip(images, draws, readers)):
             for j in range(per):
                 ax = axes_at(r, b, j)
@@ -216,7 +244,8 @@ def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str]]
                     spine.set_linewidth(0.3)
                 if j < k:
                     if j < len(masks):  # the readers in white (their dashed contours elsewhere), methods in colour
-                        _draw_mask(ax, image, masks[j], "white" if r == 0 else pal[r - 1])
+                        _draw_mask(ax, image, masks[j], "white" if r == 0 else pal[r - 1],
+                                   hidden=bool(outside[b][j]))
                     else:
                         ax.set_axis_off()
                 elif j == k:
@@ -310,22 +339,35 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     order = sorted(methods, key=lambda m: (score[m][0], methods.index(m)))
     data["order"] = order
     metric = data["metric"]
-    pics = [_image_rgb(it["image"]) for it in items]
     truth = [it["masks"].numpy().astype(bool) for it in items]
-    heads = [f"{i}, readers disagree {reader_disagreement(it['masks']):.2f}" for i, it in zip(ids, items)]
+    # each image zoomed to its readers' and shown samples' masks (the same part in every row)
+    boxes = [zoom_box(truth[b], [data["methods"][m][b].astype(bool) for m in methods], truth[b].shape[-2:])
+             for b in range(len(items))]
+    data["zoom"] = [(z[0].start, z[0].stop, z[1].start, z[1].stop) for z in boxes]
+    pics = [_image_rgb(it["image"])[z] for it, z in zip(items, boxes)]
+    shown = {m: [d[(Ellipsis,) + z] for d, z in zip(data["methods"][m], boxes)] for m in methods}
+    truth_shown = [t[(Ellipsis,) + z] for t, z in zip(truth, boxes)]
+    heads = [f"{i}, readers disagree {reader_disagreement(it['masks']):.2f}"
+             + (f" (rows {z[0].start}-{z[0].stop - 1}, columns {z[1].start}-{z[1].stop - 1})"
+                if (z[0].stop - z[0].start, z[1].stop - z[1].start) != tuple(t.shape[-2:]) else "")
+             for i, it, z, t in zip(ids, items, boxes, truth)]
 
-    def rows_for(n: int) -> list[tuple[str, list[np.ndarray], list[str]]]:
-        out_rows = [("readers", truth[:n], [""] * n)]
+    def hidden(full: list[np.ndarray], part: list[np.ndarray]) -> list[np.ndarray]:
+        """Per image, which masks have pixels outside the shown part."""
+        return [f.reshape(len(f), -1).sum(1) > p.reshape(len(p), -1).sum(1) for f, p in zip(full, part)]
+
+    def rows_for(n: int) -> list[tuple[str, list[np.ndarray], list[str], list[np.ndarray]]]:
+        out_rows = [("readers", truth_shown[:n], [""] * n, hidden(truth[:n], truth_shown[:n]))]
         for m in order:
             notes = [f"{score[m][1][i]:.2f}" if metric and score[m][1][i] is not None else "" for i in ids[:n]]
-            out_rows.append((display_name(m), data["methods"][m][:n], notes))
+            out_rows.append((display_name(m), shown[m][:n], notes, hidden(data["methods"][m][:n], shown[m][:n])))
         return out_rows
 
     out = Path(out) if out is not None else Path(results) / FIGURES / dataset
     paths = []
     where = f"{dataset}, profile {profile}, seed {seed}"
     for stem, layout, n in (("samples", "2col", len(idx)), ("samples_1col", "1col", 1)):
-        fig = _samples_layout(plt, sns, rows_for(n), pics[:n], truth[:n], heads[:n], k, WIDTHS[layout],
+        fig = _samples_layout(plt, sns, rows_for(n), pics[:n], truth_shown[:n], heads[:n], k, WIDTHS[layout],
                               f"{where}: {k} samples per method; rows by per-image {metric or '?'} "
                               "(in the corner), best first; dashed: readers")
         paths += _save(fig, out, stem, formats, dpi=300)
