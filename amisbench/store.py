@@ -119,14 +119,36 @@ def write_problem(err: OSError) -> str:
     return str(err.strerror or err)
 
 
+def _process_umask() -> int:
+    """The process's umask (read once: setting it back at once is the only way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would leave: an existing file's own, else 0o666 less the umask
+    (a temporary file of :mod:`tempfile` is 0o600, which would hide results pages and tables from others)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file ``.<name>.<random>.tmp`` beside ``path``, fsync, and rename it over
-    ``path``: readers see the old or the new file, never a part. Raises :class:`WriteFailed` on an OSError."""
+    ``path``: readers see the old or the new file, never a part; the file gets the mode ``open()`` would give
+    it. Raises :class:`WriteFailed` on an OSError."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

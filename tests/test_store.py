@@ -123,6 +123,22 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"v": 1} and not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+def test_written_files_get_the_mode_open_would_give(tmp_path, monkeypatch):
+    # a new file: 0o666 less the umask (tempfile's 0o600 would hide pages and tables from other users)
+    monkeypatch.setattr(store, "_UMASK", 0o022)
+    store.atomic_write_text(tmp_path / "index.html", "<p>x</p>")
+    assert (tmp_path / "index.html").stat().st_mode & 0o777 == 0o644
+    monkeypatch.setattr(store, "_UMASK", 0o077)
+    store.atomic_write_text(tmp_path / "private.csv", "a")
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+    # a file replaced keeps its own mode
+    (tmp_path / "index.html").chmod(0o640)
+    store.atomic_write_text(tmp_path / "index.html", "<p>y</p>")
+    assert (tmp_path / "index.html").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "index.html").read_text() == "<p>y</p>"
+
+
 def test_clean_temporaries_removes_only_the_writers_leftovers(tmp_path):
     (tmp_path / "ckpt").mkdir()
     left = [tmp_path / "ckpt" / ".last.pt.k2j4.tmp", tmp_path / ".metrics.json.abc.tmp"]
