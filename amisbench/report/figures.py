@@ -497,7 +497,9 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     df = df[keep].rename(columns={"metric_value": "value_m"})
     plot = df.rename(columns={"value": "x", "value_m": "value"})
     name = param.split(".")[-1]
-    title = f"{method} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples"
+    from ..display import display_name
+
+    title = f"{display_name(method)} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples"
     paths = _curve_plot(plot, "x", f"sampler {name} ({param})", title, out, "steps", formats, xscale="log",
                         mark=float(configured) if configured else None,
                         mark_label=f"run's setting ({configured})" if configured else "")
@@ -577,8 +579,11 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
     except (UserError, AttributeError):
         pass
     name = param.split(".")[-1]
-    paths = _curve_plot(df, "x", f"{name} ({param})", f"{method} on {dataset}: metrics vs. {name}", out, "alpha",
-                        formats, xscale="symlog", mark=default, mark_label="default" if default is not None else "")
+    from ..display import display_name
+
+    paths = _curve_plot(df, "x", f"{name} ({param})", f"{display_name(method)} on {dataset}: metrics vs. {name}",
+                        out, "alpha", formats, xscale="symlog", mark=default,
+                        mark_label="default" if default is not None else "")
     return Figure([*paths, out / "alpha.csv"], df)
 
 
