@@ -7,6 +7,7 @@ config.yaml, metrics.json, per_image.csv, groups.csv and run.json; no checkpoint
 
     amisbench grid --grid reference --results results/reference --launcher local --workers 2
     amisbench figures --dataset synthetic --kind samples --results results/reference
+    amisbench figures --dataset synthetic --kind steps --results results/reference --values 1,2,5,10,25 --eval-images 4
 
 (the grid is ``configs/grids/reference.yaml``; checkpoints stay out of git through ``.gitignore``).
 
