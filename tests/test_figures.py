@@ -101,6 +101,11 @@ def test_samples_figure_zooms_to_the_readers_and_the_samples_they_share():
     assert rows.start <= 20 and rows.stop >= 36 and cols.start <= 22 and cols.stop >= 34
     assert not (rows.start <= 60 < rows.stop and cols.start <= 2 < cols.stop)
     assert 0 <= rows.start and rows.stop <= 64 and 0 <= cols.start and cols.stop <= 64
+    # one method's noise over the whole image (as an undertrained SSN draws) does not widen it either
+    noise = np.random.default_rng(0).random((4, *shape)) < 0.5
+    sane = [np.repeat(readers[:1], 4, axis=0) for _ in range(4)]
+    assert figures.zoom_box(readers, [noise, *sane], shape) == figures.zoom_box(readers, sane, shape)
+    assert figures.zoom_box(readers, sane, shape) != (slice(0, 64), slice(0, 64))
     # nothing set, or masks over most of the image: the whole image
     whole = (slice(0, 64), slice(0, 64))
     assert figures.zoom_box(np.zeros((2, *shape), bool), [np.zeros((3, *shape), bool)], shape) == whole

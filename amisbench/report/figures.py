@@ -190,13 +190,15 @@ def _draw_map(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmax: float,
 def zoom_box(readers: np.ndarray, samples: Sequence[np.ndarray], shape: tuple[int, int], *,
              margin: float = 0.35, min_side: int = 16) -> tuple[slice, slice]:
     """The square part of an image the samples figure shows: the box of the readers' pixels and of the
-    pixels set in at least two of the shown samples (all methods; a stray pixel of one sample does not
-    widen it), widened by ``margin`` of its side on each side and to at least ``min_side`` pixels, moved
-    inside the image. The whole image when nothing is set or the box would cover most of it."""
+    pixels set in at least two and a quarter of the shown samples (all methods together: a stray pixel, or one
+    method's noise over the whole image, does not widen it), widened by ``margin`` of its side on each side and
+    to at least ``min_side`` pixels, moved inside the image. The whole image when nothing is set or the box
+    would cover most of it."""
     height, width = shape
     union = readers.reshape(-1, height, width).any(axis=0)
     votes = sum((m.reshape(-1, height, width).sum(axis=0) for m in samples if m.size), np.zeros(shape, int))
-    union = union | (votes >= 2)
+    shown = sum(m.reshape(-1, height, width).shape[0] for m in samples if m.size)
+    union = union | (votes >= max(2, 0.25 * shown))
     if not union.any():
         return slice(0, height), slice(0, width)
     rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
@@ -208,6 +210,13 @@ def zoom_box(readers: np.ndarray, samples: Sequence[np.ndarray], shape: tuple[in
     r0 = int(min(max(0, round(centre_r - side / 2)), height - side))
     c0 = int(min(max(0, round(centre_c - side / 2)), width - side))
     return slice(r0, r0 + side), slice(c0, c0 + side)
+
+
+def method_colors(sns, n: int) -> list:
+    """``n`` distinct colours for masks drawn over a grey image: seaborn's colour-blind palette, then its dark
+    one, each without its grey (invisible on the image); a colour repeats only beyond 18 methods."""
+    colors = [c for pal in ("colorblind", "dark") for i, c in enumerate(sns.color_palette(pal, 10)) if i != 7]
+    return [colors[i % len(colors)] for i in range(max(1, n))]
 
 
 def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str], list[np.ndarray]]],
@@ -224,7 +233,7 @@ def _samples_layout(plt, sns, rows: list[tuple[str, list[np.ndarray], list[str],
     cell = (width - left - 0.05 - gap * (len(images) - 1)) / ncols
     height = top + cell * len(rows) + bottom
     fig = plt.figure(figsize=(width, height))
-    pal = sns.color_palette("colorblind", max(1, len(rows) - 1))
+    pal = method_colors(sns, len(rows) - 1)
     font = 6.0 if width < 5 else 7.0
     mean_im = var_im = None
 
