@@ -81,7 +81,8 @@ def with_reference(build, results: Path | str, hide: bool = False) -> Table:
 
 def merge(mine: Table | None, theirs: Table, folder: Path) -> Table:
     """The user's table with the rows of ``theirs`` appended as "<row> (reference)" (rows of ``theirs``
-    that have no value of their own are left out)."""
+    that have no value of their own are left out; a row of the user's without a value, e.g. "not run", is
+    left out where a reference row of the same key has one)."""
     base = mine if mine is not None else replace(theirs, rows=[], cells={}, texts={}, status={}, names={},
                                                  paper={}, notes=[])
     t = replace(base, rows=list(base.rows), cells=dict(base.cells), texts=dict(base.texts),
@@ -108,6 +109,11 @@ def merge(mine: Table | None, theirs: Table, folder: Path) -> Table:
         t.status[key] = ""
         if r in theirs.references:
             t.references.append(key)
+    # a row of the user's that only says why it has no value ("not run") gives way to the reference row
+    # holding that configuration's value
+    stand_in = {r for r in added if r in t.status and t.status[r]
+                and not any((r, c) in t.cells or (r, c) in t.texts for c in t.columns)}
+    t.rows = [r for r in t.rows if r not in stand_in]
     # calibration rows (unet, oracle) of both folders last, after the rule, never ranked
     t.rows = [r for r in t.rows if r not in t.references] + [r for r in t.rows if r in t.references]
     if added:

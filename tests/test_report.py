@@ -206,7 +206,13 @@ def test_shipped_reference_results_are_complete_result_folders(monkeypatch, tmp_
     from amisbench.grid import load_grid
 
     grid, _ = load_grid("reference")
+    methods = grid["method"].split(",") if isinstance(grid["method"], str) else list(grid["method"])
+    assert len(methods) == 12 and "p2sam" not in methods
+    # every method of the grid, each with its seeds finished
+    for method in methods:
+        seeds = sorted(d.name for d in runs if d.parts[-3] == method)
+        assert seeds == [f"seed-{k}" for k in range(int(grid["seeds"]))], (method, seeds)
     index = write_report(tmp_path / "empty", tmp_path / "page", "synthetic")
     page = index.read_text()
-    for method in grid["method"]:
+    for method in methods:
         assert f"<code>{method}</code>" in page or f'data-v="{method}"' in page, method

@@ -404,6 +404,24 @@ def test_reference_rows_are_set_apart_and_never_bold(with_references):
         assert tex[oracle - 1] == r"\midrule" and r"\textbf" not in tex[oracle]
 
 
+def test_a_reference_row_stands_in_for_the_users_row_that_was_not_run(tmp_path, monkeypatch):
+    from amisbench.reference import with_reference
+
+    mine, ref = tmp_path / "mine", tmp_path / "ref"
+    fake_run(mine, "atfm", 0, five_equal(0.25))
+    fake_run(ref, "ssn", 0, five_equal(0.30))
+    monkeypatch.delenv("AMISBENCH_NO_REFERENCE", raising=False)
+    monkeypatch.setenv("AMISBENCH_REFERENCE", str(ref))
+    t = with_reference(lambda f: build_table("1", f, dataset="synthetic"), mine)
+    # the user's ssn row only said "not run": the reference's ssn row takes its place
+    assert "ssn (reference)" in t.rows and "ssn" not in t.rows
+    assert t.cells[("ssn (reference)", "GED_100")][0] == pytest.approx(0.30)
+    # rows neither folder has still say why; the user's own runs stay
+    assert t.status["ccdm"] == "not run" and t.status["atfm"] == ""
+    alone = build_table("1", mine, dataset="synthetic")
+    assert alone.status["ssn"] == "not run"
+
+
 def test_latex_caption_has_no_number_of_its_own(with_references):
     tex = to_latex(build_table("1", with_references, dataset="synthetic"))
     caption = next(ln for ln in tex.splitlines() if ln.startswith(r"\caption{"))

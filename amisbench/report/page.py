@@ -245,7 +245,7 @@ def table_html(t: Table) -> str:
     Compact: one column per metric, our value on top and the paper's number with the difference below; a
     row without runs says why once, under its name.
     """
-    from ..reference import is_reference_row
+    from ..reference import SUFFIX, is_reference_row
 
     head = ['<th class="name">method</th>'] + [f"<th>{esc(t.headers.get(c, c))}{_header('', t.direction(c))}</th>"
                                               for c in t.columns]
@@ -254,7 +254,12 @@ def table_html(t: Table) -> str:
     for r in t.rows:
         cls = ' class="reference"' if is_reference_row(r) else ""
         status = t.status.get(r, "")
-        cells = [f'<td class="name">{esc(t.row_label(r))}'
+        # a reference row: its name without the suffix (the row's badge says "reference")
+        label = t.row_label(r)
+        if is_reference_row(r):
+            base = r[:-len(SUFFIX)]
+            label = f"{base} ({t.names[r]})" if t.names.get(r) else base
+        cells = [f'<td class="name">{esc(label)}'
                  + (f'<span class="ci">{esc(status)}</span>' if status else "") + "</td>"]
         for c in t.columns:
             mean = t.cells.get((r, c), (math.nan,))[0]
