@@ -121,4 +121,7 @@ def merge(mine: Table | None, theirs: Table, folder: Path) -> Table:
         t.notes.append(f"rows marked (reference): {where}; " + "; ".join(n for n in theirs.notes
                                                                              if n.startswith(("mean", "ours", "seeds")))
                        + f"; hide with --no-reference or {HIDE_ENV}=1")
+        # how the reference timings were taken (device, dtype, torch), as for the user's own
+        t.notes += [f"reference {n}" for n in theirs.notes if n.startswith(("setup:", "samples per call:",
+                                                                             "peak memory:"))]
     return t

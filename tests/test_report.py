@@ -107,6 +107,23 @@ def test_reference_rows_alone_fill_an_empty_results_folder(show_reference, tmp_p
     assert len(_rows((tmp_path / "p" / "index.html").read_text())) == 1  # SSN (reference); U-Net apart
 
 
+def test_reference_timings_carry_their_device_and_dtype(show_reference, tmp_path):
+    mine, ref = show_reference
+    empty = tmp_path / "fresh"
+    (ref / "timing" / "cpu").mkdir(parents=True, exist_ok=True)
+    shutil.copy(mine / "timing" / "cpu" / "synthetic__atfm.json", ref / "timing" / "cpu" / "synthetic__atfm.json")
+    try:
+        page = write_report(empty, tmp_path / "p").read_text()
+    finally:
+        (ref / "timing" / "cpu" / "synthetic__atfm.json").unlink()
+    table3 = page.split("Table 3.")[1].split("</table>")[1].split("<h")[0]
+    assert "reference setup: atfm: x86_64 test CPU, float32, 1 image x 100 samples per call" in table3
+    body = page.split("Table 3.")[1].split("</table>")[0]
+    # the reference ATFM stands in for the user's ATFM row; the methods neither has timed say "not run"
+    assert body.count('<tr class="reference">') == 1 and body.count("atfm (ATFM)") == 1
+    assert body.count("not run") == 3
+
+
 def test_no_runs_anywhere_names_the_users_folder(show_reference, tmp_path, capsys):
     assert cli.main(["table", "--dataset", "isic3", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
