@@ -13,16 +13,27 @@ sets and gives one number per image. The conventions are the ones of the publish
 
 How it is computed: every pairwise intersection is an exact integer count. A pixel outside the smallest
 rectangle (window) holding the set pixels of an image's masks is empty in all of them, so each image is
-counted on its window only (for lesion masks a small part of the image). On CPUs with AMX tiles the
-window of each image is copied as int8 ``(K, pixels)`` and one int8 product with int32 sums
-(``torch._int_mm``) counts all its pairs, exactly up to 2**31 pixels. Elsewhere (CUDA, other CPUs)
-the window is cut into chunks of whole rows of at most 256 pixels, the chunks of a group of images go
-through one batched float32 product, and the chunk counts are summed per image (exact in float32 up to
-2**24 pixels, in float64 beyond). Areas are the diagonal of the same product. IoU/Dice are formed from
-the counts in float64, once per image for all the blocks a function needs; the prefixes of
-:func:`table_metrics` are sub-blocks of one count. The Hungarian matching of HM-IoU runs in SciPy, one
-call per image on the small ``lcm(n, m)``-tiled IoU matrix.
-Everything else stays on the input's device (CPU or CUDA).
+counted on its window only (for lesion masks a small part of the image).
+
+* On CPU, where pip built the C extension (``amisbench/_counts.c``; any C compiler): per image, one read of
+  its masks packs them to bits and ORs them into the union that gives the window; each mask's window becomes
+  one dense bit string, and each pair is counted as the popcount of the AND of two strings (AVX-512
+  ``VPOPCNTQ`` on CPUs that have it, eight pairs a vector; plain C elsewhere). The GED sums of every prefix
+  of the samples, and the HM-IoU matching, are formed in C too (below).
+* Without it (no compiler at install) on CPUs with AMX tiles, the window of each image is copied as int8
+  ``(K, pixels)`` and one int8 product with int32 sums (``torch._int_mm``) counts all its pairs, exactly up
+  to 2**31 pixels.
+* Elsewhere (CUDA, other CPUs) the window is cut into chunks of whole rows of at most 256 pixels, the
+  chunks of a group of images go through one batched float32 product, and the chunk counts are summed per
+  image (exact in float32 up to 2**24 pixels, in float64 beyond).
+
+Areas are the diagonal of the same counts. IoU/Dice are formed from the counts in float64; the prefixes of
+:func:`table_metrics` are sub-blocks of one count. The Hungarian matching of HM-IoU repeats both sets to
+``lcm(n, m)`` members; in C it is solved as the equivalent transportation problem (each sample sends
+``L/n`` units, each reader takes ``L/m``) by successive shortest paths over the readers, otherwise by SciPy
+on the tiled matrix, one call per image; both are exact up to float rounding. The C path and the other
+paths agree to 1e-12 (their float64 sums run in different orders). Everything else stays on the input's
+device (CPU or CUDA).
 
 Inputs are numpy arrays or torch tensors, bool or 0/1 integers (0/1 floats are accepted too), one image
 ``(n, H, W)`` vs ``(m, H, W)`` or a batch ``(B, n, H, W)`` vs ``(B, m, H, W)``. A single image gives a
@@ -84,6 +95,12 @@ def _int8_products_work() -> bool:
 
 
 _HAS_AMX = _int8_products_work()
+try:  # the C counts (amisbench/_counts.c), built with the package where pip found a C compiler
+    from . import _counts as _C
+except ImportError:  # installed without a compiler: the torch/numpy code below gives the same numbers
+    _C = None
+# CPU: counts, GED sums and assignments in C when it was built (tests switch it off for the other paths)
+_C_COUNTS = _C is not None
 # CPU: copy windows and OR masks with numpy (tests switch it off to run the CUDA code path on CPU).
 _NUMPY_COPIES = True
 # Bytes of window chunks counted per product (CPU: about the L2 cache; CUDA: large batches).
@@ -375,6 +392,28 @@ def _gram_int8(parts: Sequence[torch.Tensor], boxes: list[tuple[int, int, int, i
     return counts
 
 
+def _c_counts(device: torch.device) -> bool:
+    """Count with the C extension: CPU tensors, and the extension was built."""
+    return device.type == "cpu" and _C_COUNTS
+
+
+def _gram_c(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`_gram` in C (``amisbench/_counts.c``): per image one read of its masks packs them to bits and
+    finds the window of their set pixels; each pair is counted as the popcount of the AND of two windows laid
+    out as dense bit strings (AVX-512 where the CPU has it). Integer counts, the same as the other paths."""
+    bsz, ka, height, width = parts[0].shape
+    arrays = [np.ascontiguousarray(p.numpy()) for p in parts]
+    a = arrays[0]
+    b = arrays[1] if len(arrays) > 1 else a[:, :0]
+    total = ka + b.shape[1]
+    out = np.empty((bsz, total, total), dtype=np.float64)
+    if bsz and height * width:
+        _C.gram(a, b, bsz, ka, b.shape[1], height, width, out)
+    else:
+        out.fill(0.0)
+    return torch.from_numpy(out)
+
+
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Exact intersection counts of every pair of masks of each image, on the window of its set pixels.
 
@@ -394,6 +433,8 @@ def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     bsz, height = parts[0].shape[0], parts[0].shape[-2]
     total = sum(p.shape[1] for p in parts)
     device = parts[0].device
+    if _c_counts(device) and len(parts) <= 2:
+        return _gram_c(parts)
     boxes = _windows(parts) if bsz and parts[0][0, 0].numel() else [None] * bsz
     if _int8_products(device, height * parts[0].shape[-1]):
         return _gram_int8(parts, boxes)
@@ -457,12 +498,20 @@ def _cross_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _iou(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty: float) -> torch.Tensor:
     """IoU ``(..., n, m)`` from intersections and areas; ``empty`` where both masks are empty."""
+    if inter.device.type == "cpu":  # numpy: the same float64 operations, without torch's per-call cost
+        i, a, b = inter.numpy(), area_a.numpy(), area_b.numpy()
+        union = a[..., :, None] + b[..., None, :] - i
+        return torch.from_numpy(np.where(union > 0, i / np.maximum(union, 1.0), empty))
     union = area_a[..., :, None] + area_b[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1.0), empty)
 
 
 def _dice(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty: float) -> torch.Tensor:
     """Dice ``(..., n, m)`` from intersections and areas; ``empty`` where both masks are empty."""
+    if inter.device.type == "cpu":
+        i, a, b = inter.numpy(), area_a.numpy(), area_b.numpy()
+        total = a[..., :, None] + b[..., None, :]
+        return torch.from_numpy(np.where(total > 0, 2.0 * i / np.maximum(total, 1.0), empty))
     total = area_a[..., :, None] + area_b[..., None, :]
     return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), empty)
 
@@ -483,6 +532,8 @@ def _ged_terms(
         ``{n: (ged, cross, sample_div, reader_div)}``.
     """
     m = counts.shape[-1] - big_n
+    if _c_counts(counts.device):
+        return _ged_terms_c(counts, big_n, ns, empty, unbiased)
     area = torch.diagonal(counts, dim1=-2, dim2=-1)
     union = area[:, :, None] + area[:, None, :]
     union.sub_(counts).clamp_(min=1.0)
@@ -505,6 +556,40 @@ def _ged_terms(
         cross = 1.0 - (iou[:, :n, big_n:].sum(dim=(1, 2)) + empty * e * blank_y) / (n * m)
         sample_div = mean_distance(iou[:, :n, :n].sum(dim=(1, 2)) + empty * e * e, n, e)
         out[n] = (2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div)
+    return out
+
+
+def _mean_distance(iou_sum: Any, k: int, blanks: Any, empty: float, unbiased: bool) -> Any:
+    """Mean ``1 - IoU`` over the ordered pairs of ``k`` masks from the sum of their IoUs (self-pairs and
+    pairs of two empty masks included); ``unbiased`` drops the self-pairs (``blanks`` of the ``k`` masks
+    are empty, with IoU ``empty`` with themselves; the others have IoU 1)."""
+    if not unbiased:
+        return 1.0 - iou_sum / (k * k)
+    if k < 2:
+        return iou_sum * math.nan
+    return (k * k - iou_sum - blanks * (1.0 - empty)) / (k * (k - 1))
+
+
+def _ged_terms_c(
+    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`_ged_terms` from the IoU sums of every prefix of the samples, formed in C in one pass over
+    the counts (``prefix_sums`` in ``amisbench/_counts.c``)."""
+    c = np.ascontiguousarray(counts.numpy())
+    bsz, m = c.shape[0], c.shape[-1] - big_n
+    cross, own, blank = (np.empty((bsz, big_n)) for _ in range(3))
+    reader = np.empty(bsz)
+    if bsz:
+        _C.prefix_sums(c, bsz, big_n, m, empty, cross, own, blank, reader)
+    blank_y = (np.diagonal(c, axis1=1, axis2=2)[:, big_n:] == 0).sum(axis=1)
+    reader_div = _mean_distance(reader, m, blank_y, empty, unbiased)
+    out = {}
+    for n in ns:
+        e = blank[:, n - 1]
+        cross_n = 1.0 - cross[:, n - 1] / (n * m)
+        sample_div = _mean_distance(own[:, n - 1], n, e, empty, unbiased)
+        terms = (2.0 * cross_n - sample_div - reader_div, cross_n, sample_div, reader_div)
+        out[n] = tuple(torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in terms)
     return out
 
 
@@ -537,6 +622,11 @@ def _hungarian_mean(iou: torch.Tensor) -> torch.Tensor:
     """HM-IoU ``(B,)`` from IoU matrices ``(B, n, m)``: one SciPy assignment per image on the tiling."""
     values = iou.detach().cpu().numpy()
     bsz, n, m = values.shape
+    if _C_COUNTS:  # the same matching in C, without tiling in memory (amisbench/_counts.c)
+        out = np.empty(bsz)
+        if bsz:
+            _C.assignment_mean(np.ascontiguousarray(values, dtype=np.float64), bsz, n, m, out)
+        return torch.from_numpy(out).to(iou.device)
     size = n * m // math.gcd(n, m)
     # Repeating sample i and reader j to lcm(n, m) members = tiling the n x m IoU matrix.
     tiled = np.tile(values, (1, size // n, size // m))

@@ -38,8 +38,19 @@ PROPERTY = settings(
     max_examples=200,
     deadline=None,
     database=None,  # write nothing into the repository
-    suppress_health_check=[HealthCheck.too_slow],
+    # the function-scoped fixture below only picks the counting path: the same for every example
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+
+
+@pytest.fixture(autouse=True, params=["c", "torch"])
+def counts_path(request, monkeypatch):
+    """Every test here runs on both ways of counting: the C extension (``amisbench/_counts.c``, CPU) and
+    the torch/numpy code (CUDA, and CPUs where pip found no C compiler)."""
+    if request.param == "c" and metrics._C is None:
+        pytest.skip("the C extension was not built here (no C compiler at install)")
+    monkeypatch.setattr(metrics, "_C_COUNTS", request.param == "c")
+    return request.param
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,6 +439,7 @@ def test_unbiased_needs_two_members():
 def test_float64_count_path_and_groups(monkeypatch, amx):
     """Force the float64 sums (used beyond 2**24 pixels), one image per group and either product dtype
     (one int8 product per image as on AMX CPUs, float32 chunks elsewhere): the same numbers."""
+    monkeypatch.setattr(metrics, "_C_COUNTS", False)  # the paths of CUDA and of a build without C
     s, y = random_sets(17, 10, 4, 12, 12, 0.3, 0.25, batch=5)
     ts, ty = torch.from_numpy(s), torch.from_numpy(y)
     want = table_metrics(ts, ty, ns=(4, 10), hm_n=10, mdm_n=6)
@@ -451,6 +463,7 @@ def test_counts_on_windows_are_exact(monkeypatch, amx, numpy_copies, hw):
     windows wider than a chunk (counted whole), images too short for whole-row chunks (the last chunk
     takes the rest), one-pixel and very tall windows give the integer counts of a plain loop; with numpy's
     copies (CPU) and with torch's (the CUDA code path)."""
+    monkeypatch.setattr(metrics, "_C_COUNTS", False)  # the paths of CUDA and of a build without C
     monkeypatch.setattr(metrics, "_HAS_AMX", amx)
     monkeypatch.setattr(metrics, "_NUMPY_COPIES", numpy_copies)
     rng = np.random.default_rng(hw[0] * 1000 + hw[1])

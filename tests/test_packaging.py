@@ -63,7 +63,13 @@ def test_wheel_install_in_a_fresh_venv_imports_from_another_folder(tmp_path):
             "assert 'site-packages' in amisbench.__file__, amisbench.__file__;"
             "assert 'ssn' in METHODS.names() and 'synthetic' in DATASETS.names();"
             "assert packaged_config('profiles', 'smoke.yaml') is not None;"
-            "print(amisbench.datasets.__file__)")
+            "import amisbench.metrics as M;"
+            "print(amisbench.datasets.__file__);"
+            "print(M._C.__file__ if M._C is not None else 'none')")
     out = _py(python, code, elsewhere)
     assert out.returncode == 0, out.stderr
-    assert str(env_dir) in out.stdout
+    datasets_file, counts_file = out.stdout.split()
+    assert str(env_dir) in datasets_file
+    from amisbench import metrics
+    if metrics._C is not None:  # built here, so the wheel's build (same compiler) carries it too
+        assert str(env_dir) in counts_file and "_counts" in counts_file, counts_file
