@@ -4,8 +4,9 @@
  * C compiler the package installs without it and the metrics use their torch/numpy path, same numbers).
  *
  * gram(a, b, B, ka, kb, H, W, out, kernel="auto")
- *     a: (B, ka, H, W) and b: (B, kb, H, W) masks, one byte a pixel (0 = unset, anything else = set),
- *     C-contiguous; out: (B, K, K) float64 with K = ka + kb, written with |x_i & x_j| of every pair of the
+ *     a: (B, ka, H, W) and b: (B, kb, H, W) masks, one byte a pixel (0 = unset, anything else = set), each
+ *     mask's rows contiguous (any strides between masks and images: a slice of the samples needs no copy);
+ *     out: (B, K, K) float64 C-contiguous with K = ka + kb, written with |x_i & x_j| of every pair of the
  *     K masks of each image (a's masks first); the diagonal holds the areas.
  *
  *     Per image, in one read of its masks: each mask is packed to bits (64 pixels a word); the OR of the
@@ -36,6 +37,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,16 +291,26 @@ static const char *choose_kernels(const char *want, kernels *kn) {
     return automatic ? "generic" : NULL;
 }
 
-/* The counts of one image: k = ka + kb masks of hw = height * width bytes each. packed holds the packed masks
- * (layout AT, nwords = ceil(hw / 64) words each, lanes past k zero) and a slack line, uni nwords + 1 words,
- * strings the k window strings (at most nwords words each, layout AT) and a slack line. Returns 0 if every
- * mask is empty. */
-static int image_counts(const unsigned char *a, size_t ka, const unsigned char *b, size_t kb, size_t height,
-                        size_t width, word *packed, word *uni, word *strings, const kernels *kn, double *out) {
-    size_t k = ka + kb, hw = height * width, nwords = (hw + 63) / 64;
+/* The masks of a batch: mask i of image b starts at buf + b * image + i * mask (byte strides, any sign);
+ * each mask is height * width contiguous bytes. */
+typedef struct {
+    const unsigned char *buf;
+    ptrdiff_t image, mask;
+    size_t count;
+} mask_set;
+
+/* The counts of image img: k = a->count + b->count masks of hw = height * width bytes each. packed holds
+ * the packed masks (layout AT, nwords = ceil(hw / 64) words each, lanes past k zero) and a slack line, uni
+ * nwords + 1 words, strings the k window strings (at most nwords words each, layout AT) and a slack line.
+ * Returns 0 if every mask is empty. */
+static int image_counts(const mask_set *a, const mask_set *b, size_t img, size_t height, size_t width,
+                        word *packed, word *uni, word *strings, const kernels *kn, double *out) {
+    size_t ka = a->count, k = ka + b->count, hw = height * width, nwords = (hw + 63) / 64;
     memset(uni, 0, nwords * sizeof(word));
     for (size_t i = 0; i < k; i++) {
-        const unsigned char *src = i < ka ? a + i * hw : b + (i - ka) * hw;
+        const mask_set *set = i < ka ? a : b;
+        size_t j = i < ka ? i : i - ka;
+        const unsigned char *src = set->buf + (ptrdiff_t)img * set->image + (ptrdiff_t)j * set->mask;
         kn->pack(src, hw, packed + AT(i, 0, nwords), uni);
     }
     /* occupied rows and columns of the union */
@@ -326,9 +338,9 @@ static int image_counts(const unsigned char *a, size_t ka, const unsigned char *
     return 1;
 }
 
-static int gram_all(const unsigned char *a, const unsigned char *b, size_t bsz, size_t ka, size_t kb, size_t height,
-                    size_t width, const kernels *kn, double *out) {
-    size_t k = ka + kb, hw = height * width, nwords = (hw + 63) / 64, blocks = (k + 7) / 8;
+static int gram_all(const mask_set *a, const mask_set *b, size_t bsz, size_t height, size_t width, const kernels *kn,
+                    double *out) {
+    size_t k = a->count + b->count, hw = height * width, nwords = (hw + 63) / 64, blocks = (k + 7) / 8;
     size_t lines = (blocks * nwords + 1) * 8; /* blocks of 8 strings of at most nwords words, a slack line */
     word *packed = (word *)calloc(lines, sizeof(word)); /* zero: the lanes past k stay empty strings */
     word *strings = (word *)malloc(lines * sizeof(word));
@@ -340,9 +352,7 @@ static int gram_all(const unsigned char *a, const unsigned char *b, size_t bsz, 
         return -1;
     }
     uni[nwords] = 0;
-    for (size_t i = 0; i < bsz; i++)
-        image_counts(a + i * ka * hw, ka, kb ? b + i * kb * hw : NULL, kb, height, width, packed, uni, strings, kn,
-                     out + i * k * k);
+    for (size_t i = 0; i < bsz; i++) image_counts(a, b, i, height, width, packed, uni, strings, kn, out + i * k * k);
     free(packed);
     free(strings);
     free(uni);
@@ -564,30 +574,62 @@ static PyObject *none_or_no_memory(int rc) {
     Py_RETURN_NONE;
 }
 
+/* The masks in obj as a mask_set: a buffer of shape (B, k, H, W), one byte an item, rows contiguous (strides
+ * W and 1; any strides between masks and images). Fills view (release it) and set; 0 with ValueError. */
+static int get_masks(PyObject *obj, const char *name, Py_ssize_t bsz, Py_ssize_t k, Py_ssize_t height,
+                     Py_ssize_t width, Py_buffer *view, mask_set *set) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDED_RO) < 0) return 0;
+    const Py_ssize_t *sh = view->shape, *st = view->strides;
+    int ok = view->ndim == 4 && view->itemsize == 1 && sh[0] == bsz && sh[1] == k && sh[2] == height &&
+             sh[3] == width && (height <= 1 || st[2] == width) && (width <= 1 || st[3] == 1);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected masks of shape (%zd, %zd, %zd, %zd), one byte a pixel, rows contiguous", name,
+                     bsz, k, height, width);
+        PyBuffer_Release(view);
+        return 0;
+    }
+    set->buf = (const unsigned char *)view->buf;
+    set->image = st[0];
+    set->mask = st[1];
+    set->count = (size_t)k;
+    return 1;
+}
+
 static PyObject *py_gram(PyObject *self, PyObject *args) {
+    PyObject *a_obj, *b_obj;
     Py_buffer a, b, out;
     Py_ssize_t bsz, ka, kb, height, width;
     const char *want = "auto";
     kernels kn;
+    mask_set sa, sb;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*y*nnnnnw*|s", &a, &b, &bsz, &ka, &kb, &height, &width, &out, &want)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOnnnnnw*|s", &a_obj, &b_obj, &bsz, &ka, &kb, &height, &width, &out, &want))
+        return NULL;
     PyObject *result = NULL;
     if (bsz < 0 || ka < 1 || kb < 0 || height < 1 || width < 1) {
         PyErr_SetString(PyExc_ValueError, "gram: expected B >= 0, ka >= 1, kb >= 0, H >= 1, W >= 1");
-        goto done;
+        PyBuffer_Release(&out);
+        return NULL;
     }
+    if (!get_masks(a_obj, "a", bsz, ka, height, width, &a, &sa)) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    if (!get_masks(b_obj, "b", bsz, kb, height, width, &b, &sb)) {
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    size_t k = (size_t)(ka + kb);
     if (!choose_kernels(want, &kn)) {
         PyErr_Format(PyExc_ValueError, "gram: kernel %s is not available on this CPU or build", want);
         goto done;
     }
-    size_t hw = (size_t)height * (size_t)width, k = (size_t)(ka + kb);
-    if (!need(&a, (size_t)bsz * ka * hw, "a") || !need(&b, (size_t)bsz * kb * hw, "b") ||
-        !need(&out, (size_t)bsz * k * k * sizeof(double), "out"))
-        goto done;
+    if (!need(&out, (size_t)bsz * k * k * sizeof(double), "out")) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = gram_all((const unsigned char *)a.buf, (const unsigned char *)b.buf, (size_t)bsz, (size_t)ka, (size_t)kb,
-                  (size_t)height, (size_t)width, &kn, (double *)out.buf);
+    rc = gram_all(&sa, &sb, (size_t)bsz, (size_t)height, (size_t)width, &kn, (double *)out.buf);
     Py_END_ALLOW_THREADS
     result = none_or_no_memory(rc);
 done:

@@ -402,7 +402,10 @@ def _gram_c(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     finds the window of their set pixels; each pair is counted as the popcount of the AND of two windows laid
     out as dense bit strings (AVX-512 where the CPU has it). Integer counts, the same as the other paths."""
     bsz, ka, height, width = parts[0].shape
-    arrays = [np.ascontiguousarray(p.numpy()) for p in parts]
+    # any strides between masks and images (a prefix of the samples is read in place); rows must be whole
+    arrays = [p.numpy() for p in parts]
+    arrays = [x if (height <= 1 or x.strides[2] == width) and (width <= 1 or x.strides[3] == 1)
+              else np.ascontiguousarray(x) for x in arrays]
     a = arrays[0]
     b = arrays[1] if len(arrays) > 1 else a[:, :0]
     total = ka + b.shape[1]

@@ -90,12 +90,31 @@ def test_buffers_are_checked():
     a = np.zeros((2, 3, 4, 4), bool)
     with pytest.raises(ValueError, match="out: expected a C-contiguous buffer of at least 144 bytes, got 96"):
         C.gram(a, a[:, :0], 2, 3, 0, 4, 4, np.empty((2, 3, 2)))
-    with pytest.raises(ValueError, match="a: expected a C-contiguous buffer"):
+    with pytest.raises(ValueError, match=r"a: expected masks of shape \(2, 3, 4, 4\), one byte a pixel"):
         C.gram(a[:1], a[:, :0], 2, 3, 0, 4, 4, np.empty((2, 3, 3)))
+    with pytest.raises(ValueError, match=r"b: expected masks of shape \(2, 1, 4, 4\).*rows contiguous"):
+        C.gram(a, a[:, :1, :, ::2], 2, 3, 1, 4, 4, np.empty((2, 4, 4)))
+    with pytest.raises(ValueError, match="one byte a pixel"):
+        C.gram(a.astype(np.int16), a[:, :0], 2, 3, 0, 4, 4, np.empty((2, 3, 3)))
     with pytest.raises(ValueError, match="expected B >= 0, ka >= 1"):
         C.gram(a, a, 2, 0, 3, 4, 4, np.empty((2, 3, 3)))
     with pytest.raises(TypeError):
         C.gram(a, a, 2, 3, 3, 4, 4, b"read-only")
+
+
+@needs_c
+@pytest.mark.parametrize("kernel", C.kernels() if C is not None else [])
+def test_strided_sets_are_read_in_place(kernel):
+    """A prefix of the samples, every other image, masks in reverse order: strides between masks and images
+    are followed, not copied (rows stay contiguous)."""
+    rng = np.random.default_rng(8)
+    s = rng.random((6, 30, 13, 70)) < 0.3
+    y = rng.random((6, 4, 13, 70)) < 0.3
+    for a, b in [(s[:, :16], y), (s[::2], y[::2]), (s[:, ::-1], y[:, 1:3]), (s[1:4, 3:9], y[1:4, :0])]:
+        bsz, ka, kb = a.shape[0], a.shape[1], b.shape[1]
+        out = np.empty((bsz, ka + kb, ka + kb))
+        C.gram(a, b, bsz, ka, kb, 13, 70, out, kernel)
+        assert np.array_equal(out, _counts(a, b))
 
 
 def _tiled_best(values: np.ndarray) -> float:
