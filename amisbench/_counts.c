@@ -3,7 +3,7 @@
  * amisbench.metrics calls these on CPU when the extension was built (pip builds it with the package; without a
  * C compiler the package installs without it and the metrics use their torch/numpy path, same numbers).
  *
- * gram(a, b, B, ka, kb, H, W, out, kernel="auto")
+ * gram(a, b, B, ka, kb, H, W, out, kernel="auto", sums=None)
  *     a: (B, ka, H, W) and b: (B, kb, H, W) masks, one byte a pixel (0 = unset, anything else = set), each
  *     mask's rows contiguous (any strides between masks and images: a slice of the samples needs no copy);
  *     out: (B, K, K) float64 C-contiguous with K = ka + kb, written with |x_i & x_j| of every pair of the
@@ -13,6 +13,8 @@
  *     packed masks gives the smallest rectangle (window) holding every set pixel; each mask's window is
  *     laid out as one dense bit string (h * w bits); every pair is counted as the popcount of the AND of
  *     two strings, eight pairs a vector where the CPU has AVX-512. All counts are integers (exact).
+ *     sums = (empty, cross, self, blank, reader): also the GED sums of prefix_sums (a: the samples, b: the
+ *     readers), each image's right after its counts, while they are in cache.
  *
  * prefix_sums(counts, B, N, m, empty, out_cross, out_self, out_blank, out_reader)
  *     counts: (B, N + m, N + m) float64 from gram (N samples first, then m readers). Per image and for every
@@ -291,6 +293,17 @@ static const char *choose_kernels(const char *want, kernels *kn) {
     return automatic ? "generic" : NULL;
 }
 
+/* The GED sums gram_all forms per image right after its counts, while they are in cache (prefix_sums: a's
+ * masks are the samples, b's the readers); defined with prefix_sums below. */
+typedef double (*iou_sum_fn)(const double *, const double *, size_t, double, double);
+typedef struct {
+    double empty;
+    double *cross, *self, *blank, *reader; /* (B, n_s), (B, n_s), (B, n_s), (B,) */
+} ged_sums;
+static iou_sum_fn choose_iou_sum(void);
+static void prefix_one(const double *c, size_t n_s, size_t m, double empty, iou_sum_fn iou_sum, double *areas,
+                       double *cross, double *self, double *blank, double *reader);
+
 /* The masks of a batch: mask i of image b starts at buf + b * image + i * mask (byte strides, any sign);
  * each mask is height * width contiguous bytes. */
 typedef struct {
@@ -339,23 +352,33 @@ static int image_counts(const mask_set *a, const mask_set *b, size_t img, size_t
 }
 
 static int gram_all(const mask_set *a, const mask_set *b, size_t bsz, size_t height, size_t width, const kernels *kn,
-                    double *out) {
+                    const ged_sums *sums, double *out) {
     size_t k = a->count + b->count, hw = height * width, nwords = (hw + 63) / 64, blocks = (k + 7) / 8;
     size_t lines = (blocks * nwords + 1) * 8; /* blocks of 8 strings of at most nwords words, a slack line */
     word *packed = (word *)calloc(lines, sizeof(word)); /* zero: the lanes past k stay empty strings */
     word *strings = (word *)malloc(lines * sizeof(word));
     word *uni = (word *)malloc((nwords + 1) * sizeof(word));
-    if (!packed || !strings || !uni) {
+    double *areas = (double *)malloc(k * sizeof(double));
+    if (!packed || !strings || !uni || !areas) {
         free(packed);
         free(strings);
         free(uni);
+        free(areas);
         return -1;
     }
     uni[nwords] = 0;
-    for (size_t i = 0; i < bsz; i++) image_counts(a, b, i, height, width, packed, uni, strings, kn, out + i * k * k);
+    iou_sum_fn iou_sum = choose_iou_sum();
+    size_t n_s = a->count;
+    for (size_t i = 0; i < bsz; i++) {
+        image_counts(a, b, i, height, width, packed, uni, strings, kn, out + i * k * k);
+        if (sums)
+            prefix_one(out + i * k * k, n_s, b->count, sums->empty, iou_sum, areas, sums->cross + i * n_s,
+                       sums->self + i * n_s, sums->blank + i * n_s, sums->reader + i);
+    }
     free(packed);
     free(strings);
     free(uni);
+    free(areas);
     return 0;
 }
 
@@ -401,8 +424,6 @@ static double iou_sum_avx512(const double *inter, const double *areas, size_t co
 }
 #endif
 
-typedef double (*iou_sum_fn)(const double *, const double *, size_t, double, double);
-
 static iou_sum_fn choose_iou_sum(void) {
 #ifdef AMIS_X86
     __builtin_cpu_init();
@@ -411,30 +432,37 @@ static iou_sum_fn choose_iou_sum(void) {
     return iou_sum_generic;
 }
 
+/* The GED sums of one image (counts c: k x k, k = n_s + m; areas: k doubles of scratch); outputs as in
+ * prefix_sums, for this image (cross, self, blank: n_s each; reader: one). */
+static void prefix_one(const double *c, size_t n_s, size_t m, double empty, iou_sum_fn iou_sum, double *areas,
+                       double *cross, double *self, double *blank, double *reader) {
+    size_t k = n_s + m;
+    for (size_t i = 0; i < k; i++) areas[i] = c[i * k + i];
+    double rd = 0;
+    for (size_t j = 0; j < m; j++) rd += iou_sum(c + (n_s + j) * k + n_s, areas + n_s, m, areas[n_s + j], empty);
+    *reader = rd;
+    double cr = 0, sf = 0, bl = 0;
+    for (size_t i = 0; i < n_s; i++) {
+        const double *row = c + i * k;
+        double area = areas[i];
+        cr += iou_sum(row + n_s, areas + n_s, m, area, empty);
+        sf += 2 * iou_sum(row, areas, i, area, empty) + (area > 0 ? 1.0 : empty);
+        bl += area == 0;
+        cross[i] = cr;
+        self[i] = sf;
+        blank[i] = bl;
+    }
+}
+
 static int prefix_sums(const double *counts, size_t bsz, size_t n_s, size_t m, double empty, double *cross,
                        double *self, double *blank, double *reader) {
     size_t k = n_s + m;
     double *areas = (double *)malloc(k * sizeof(double));
     if (!areas) return -1;
     iou_sum_fn iou_sum = choose_iou_sum();
-    for (size_t b = 0; b < bsz; b++) {
-        const double *c = counts + b * k * k;
-        for (size_t i = 0; i < k; i++) areas[i] = c[i * k + i];
-        double rd = 0;
-        for (size_t j = 0; j < m; j++) rd += iou_sum(c + (n_s + j) * k + n_s, areas + n_s, m, areas[n_s + j], empty);
-        reader[b] = rd;
-        double cr = 0, sf = 0, bl = 0;
-        for (size_t i = 0; i < n_s; i++) {
-            const double *row = c + i * k;
-            double area = areas[i];
-            cr += iou_sum(row + n_s, areas + n_s, m, area, empty);
-            sf += 2 * iou_sum(row, areas, i, area, empty) + (area > 0 ? 1.0 : empty);
-            bl += area == 0;
-            cross[b * n_s + i] = cr;
-            self[b * n_s + i] = sf;
-            blank[b * n_s + i] = bl;
-        }
-    }
+    for (size_t b = 0; b < bsz; b++)
+        prefix_one(counts + b * k * k, n_s, m, empty, iou_sum, areas, cross + b * n_s, self + b * n_s,
+                   blank + b * n_s, reader + b);
     free(areas);
     return 0;
 }
@@ -601,10 +629,15 @@ static PyObject *py_gram(PyObject *self, PyObject *args) {
     Py_buffer a, b, out;
     Py_ssize_t bsz, ka, kb, height, width;
     const char *want = "auto";
+    PyObject *sums_obj = Py_None;
     kernels kn;
     mask_set sa, sb;
+    ged_sums sums;
+    Py_buffer sum_bufs[4];
+    int have_sums = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOnnnnnw*|s", &a_obj, &b_obj, &bsz, &ka, &kb, &height, &width, &out, &want))
+    if (!PyArg_ParseTuple(args, "OOnnnnnw*|sO", &a_obj, &b_obj, &bsz, &ka, &kb, &height, &width, &out, &want,
+                          &sums_obj))
         return NULL;
     PyObject *result = NULL;
     if (bsz < 0 || ka < 1 || kb < 0 || height < 1 || width < 1) {
@@ -622,6 +655,24 @@ static PyObject *py_gram(PyObject *self, PyObject *args) {
         return NULL;
     }
     size_t k = (size_t)(ka + kb);
+    if (sums_obj != Py_None) {
+        if (kb < 1) {
+            PyErr_SetString(PyExc_ValueError, "gram: the GED sums need readers (kb >= 1)");
+            goto done;
+        }
+        if (!PyArg_ParseTuple(sums_obj, "dw*w*w*w*;gram: sums must be (empty, cross, self, blank, reader)",
+                              &sums.empty, &sum_bufs[0], &sum_bufs[1], &sum_bufs[2], &sum_bufs[3]))
+            goto done;
+        have_sums = 1;
+        size_t per = (size_t)bsz * ka * sizeof(double);
+        if (!need(&sum_bufs[0], per, "cross") || !need(&sum_bufs[1], per, "self") ||
+            !need(&sum_bufs[2], per, "blank") || !need(&sum_bufs[3], (size_t)bsz * sizeof(double), "reader"))
+            goto done;
+        sums.cross = (double *)sum_bufs[0].buf;
+        sums.self = (double *)sum_bufs[1].buf;
+        sums.blank = (double *)sum_bufs[2].buf;
+        sums.reader = (double *)sum_bufs[3].buf;
+    }
     if (!choose_kernels(want, &kn)) {
         PyErr_Format(PyExc_ValueError, "gram: kernel %s is not available on this CPU or build", want);
         goto done;
@@ -629,10 +680,13 @@ static PyObject *py_gram(PyObject *self, PyObject *args) {
     if (!need(&out, (size_t)bsz * k * k * sizeof(double), "out")) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = gram_all(&sa, &sb, (size_t)bsz, (size_t)height, (size_t)width, &kn, (double *)out.buf);
+    rc = gram_all(&sa, &sb, (size_t)bsz, (size_t)height, (size_t)width, &kn, have_sums ? &sums : NULL,
+                  (double *)out.buf);
     Py_END_ALLOW_THREADS
     result = none_or_no_memory(rc);
 done:
+    if (have_sums)
+        for (int i = 0; i < 4; i++) PyBuffer_Release(&sum_bufs[i]);
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     PyBuffer_Release(&out);

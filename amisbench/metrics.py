@@ -397,10 +397,17 @@ def _c_counts(device: torch.device) -> bool:
     return device.type == "cpu" and _C_COUNTS
 
 
-def _gram_c(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+_Sums = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _gram_c(parts: Sequence[torch.Tensor], sums_empty: float | None = None) -> Any:
     """:func:`_gram` in C (``amisbench/_counts.c``): per image one read of its masks packs them to bits and
     finds the window of their set pixels; each pair is counted as the popcount of the AND of two windows laid
-    out as dense bit strings (AVX-512 where the CPU has it). Integer counts, the same as the other paths."""
+    out as dense bit strings (AVX-512 where the CPU has it). Integer counts, the same as the other paths.
+
+    With ``sums_empty`` (parts = samples, readers) it also forms the GED sums of every sample prefix with that
+    IoU of two empty masks (:func:`_ged_terms_c`), each image's right after its counts, and returns
+    ``(counts, (cross, self, blank, reader))``."""
     bsz, ka, height, width = parts[0].shape
     # any strides between masks and images (a prefix of the samples is read in place); rows must be whole
     arrays = [p.numpy() for p in parts]
@@ -410,11 +417,16 @@ def _gram_c(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     b = arrays[1] if len(arrays) > 1 else a[:, :0]
     total = ka + b.shape[1]
     out = np.empty((bsz, total, total), dtype=np.float64)
+    sums = None if sums_empty is None else (*(np.empty((bsz, ka)) for _ in range(3)), np.empty(bsz))
     if bsz and height * width:
-        _C.gram(a, b, bsz, ka, b.shape[1], height, width, out)
-    else:
-        out.fill(0.0)
-    return torch.from_numpy(out)
+        _C.gram(a, b, bsz, ka, b.shape[1], height, width, out, "auto",
+                None if sums is None else (sums_empty, *sums))
+        return torch.from_numpy(out) if sums is None else (torch.from_numpy(out), sums)
+    out.fill(0.0)
+    if sums is None:
+        return torch.from_numpy(out)
+    _C.prefix_sums(out, bsz, ka, b.shape[1], sums_empty, *sums)  # zero-pixel images: all masks empty
+    return torch.from_numpy(out), sums
 
 
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -574,16 +586,18 @@ def _mean_distance(iou_sum: Any, k: int, blanks: Any, empty: float, unbiased: bo
 
 
 def _ged_terms_c(
-    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool
+    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool, sums: _Sums | None = None
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`_ged_terms` from the IoU sums of every prefix of the samples, formed in C in one pass over
-    the counts (``prefix_sums`` in ``amisbench/_counts.c``)."""
+    the counts (``prefix_sums`` in ``amisbench/_counts.c``), or given (``sums``, from :func:`_gram_c` with
+    the same ``empty``)."""
     c = np.ascontiguousarray(counts.numpy())
     bsz, m = c.shape[0], c.shape[-1] - big_n
-    cross, own, blank = (np.empty((bsz, big_n)) for _ in range(3))
-    reader = np.empty(bsz)
-    if bsz:
-        _C.prefix_sums(c, bsz, big_n, m, empty, cross, own, blank, reader)
+    if sums is None:
+        sums = (*(np.empty((bsz, big_n)) for _ in range(3)), np.empty(bsz))
+        if bsz:
+            _C.prefix_sums(c, bsz, big_n, m, empty, *sums)
+    cross, own, blank, reader = sums
     blank_y = (np.diagonal(c, axis1=1, axis2=2)[:, big_n:] == 0).sum(axis=1)
     reader_div = _mean_distance(reader, m, blank_y, empty, unbiased)
     out = {}
@@ -935,7 +949,11 @@ class Counts:
     def __init__(self, s: torch.Tensor, y: torch.Tensor, *, empty_iou: float, empty_dice: float,
                  unbiased: bool, ged_ns: Sequence[int] = ()) -> None:
         big_n = self.n_samples = s.shape[1]
-        self.counts = _gram([s, y])  # (B, N+m, N+m)
+        self._sums: _Sums | None = None  # C: the GED sums of every prefix, formed with the counts
+        if _c_counts(s.device):
+            self.counts, self._sums = _gram_c([s, y], empty_iou)
+        else:
+            self.counts = _gram([s, y])  # (B, N+m, N+m)
         area = torch.diagonal(self.counts, dim1=-2, dim2=-1)
         self.area_s, self.area_y = area[:, :big_n], area[:, big_n:]
         self.empty_iou, self.empty_dice, self.unbiased = empty_iou, empty_dice, unbiased
@@ -965,8 +983,12 @@ class Counts:
     def ged_terms(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ged, cross, sample_div, reader_div)`` at the first ``n`` samples."""
         ns = self._ged_ns if n in self._ged_ns else (n,)
-        terms = self._once(("ged", ns), lambda: _ged_terms(self.counts, self.n_samples, ns, self.empty_iou,
-                                                           self.unbiased))
+        if self._sums is not None:
+            terms = self._once(("ged", ns), lambda: _ged_terms_c(self.counts, self.n_samples, ns, self.empty_iou,
+                                                                 self.unbiased, self._sums))
+        else:
+            terms = self._once(("ged", ns), lambda: _ged_terms(self.counts, self.n_samples, ns, self.empty_iou,
+                                                               self.unbiased))
         return terms[n]
 
     def ged(self, n: int) -> torch.Tensor:

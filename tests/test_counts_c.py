@@ -100,6 +100,13 @@ def test_buffers_are_checked():
         C.gram(a, a, 2, 0, 3, 4, 4, np.empty((2, 3, 3)))
     with pytest.raises(TypeError):
         C.gram(a, a, 2, 3, 3, 4, 4, b"read-only")
+    with pytest.raises(ValueError, match="the GED sums need readers"):
+        C.gram(a, a[:, :0], 2, 3, 0, 4, 4, np.empty((2, 3, 3)), "auto", (1.0,))
+    with pytest.raises(TypeError, match=r"sums must be \(empty, cross, self, blank, reader\)"):
+        C.gram(a, a, 2, 3, 3, 4, 4, np.empty((2, 6, 6)), "auto", (1.0, np.empty((2, 3))))
+    with pytest.raises(ValueError, match="reader: expected a C-contiguous buffer of at least 16 bytes"):
+        C.gram(a, a, 2, 3, 3, 4, 4, np.empty((2, 6, 6)), "auto",
+               (1.0, np.empty((2, 3)), np.empty((2, 3)), np.empty((2, 3)), np.empty(1)))
 
 
 @needs_c
@@ -177,6 +184,13 @@ def test_prefix_sums_match_direct_sums(empty):
     cross, own, blank = (np.empty((3, big_n)) for _ in range(3))
     reader = np.empty(3)
     C.prefix_sums(counts, 3, big_n, m, empty, cross, own, blank, reader)
+    # the same sums formed by gram with the counts, per image while they are in cache
+    sums = (*(np.empty((3, big_n)) for _ in range(3)), np.empty(3))
+    out = np.empty((3, big_n + m, big_n + m))
+    C.gram(s, y, 3, big_n, m, 9, 9, out, "auto", (empty, *sums))
+    assert np.array_equal(out, counts)
+    for got, want in zip(sums, (cross, own, blank, reader)):
+        assert np.array_equal(got, want)
     for b in range(3):
         iou = _iou(counts[b], empty)
         assert reader[b] == pytest.approx(iou[big_n:, big_n:].sum(), abs=1e-12)
