@@ -557,19 +557,13 @@ def _ged_terms(
     blank_s = torch.cumsum(blank[:, :big_n], dim=1)  # empty masks among the first n samples
     blank_y = blank[:, big_n:].sum(dim=1)
 
-    def mean_distance(iou_sum: torch.Tensor, k: int, blanks: torch.Tensor) -> torch.Tensor:
-        if not unbiased:
-            return 1.0 - iou_sum / (k * k)
-        if k < 2:
-            return torch.full_like(iou_sum, math.nan)
-        return (k * k - iou_sum - blanks * (1.0 - empty)) / (k * (k - 1))
-
-    reader_div = mean_distance(iou[:, big_n:, big_n:].sum(dim=(1, 2)) + empty * blank_y**2, m, blank_y)
+    reader_div = _mean_distance(iou[:, big_n:, big_n:].sum(dim=(1, 2)) + empty * blank_y**2, m, blank_y, empty,
+                                unbiased)
     out = {}
     for n in ns:
         e = blank_s[:, n - 1]
         cross = 1.0 - (iou[:, :n, big_n:].sum(dim=(1, 2)) + empty * e * blank_y) / (n * m)
-        sample_div = mean_distance(iou[:, :n, :n].sum(dim=(1, 2)) + empty * e * e, n, e)
+        sample_div = _mean_distance(iou[:, :n, :n].sum(dim=(1, 2)) + empty * e * e, n, e, empty, unbiased)
         out[n] = (2.0 * cross - sample_div - reader_div, cross, sample_div, reader_div)
     return out
 
@@ -636,7 +630,9 @@ def _in_groups(fn: Callable[[torch.Tensor, torch.Tensor], Any], pair: _Pair) -> 
 
 
 def _hungarian_mean(iou: torch.Tensor) -> torch.Tensor:
-    """HM-IoU ``(B,)`` from IoU matrices ``(B, n, m)``: one SciPy assignment per image on the tiling."""
+    """HM-IoU ``(B,)`` from IoU matrices ``(B, n, m)``: the best matching of the ``lcm(n, m)`` tiling, in C
+    (a transportation problem over the readers) where the extension was built, else one SciPy assignment per
+    image on the tiled matrix."""
     values = iou.detach().cpu().numpy()
     bsz, n, m = values.shape
     if _C_COUNTS:  # the same matching in C, without tiling in memory (amisbench/_counts.c)
