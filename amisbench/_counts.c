@@ -44,7 +44,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/* x86-64 kernels (AVX-512, POPCNT) chosen at run time; -DAMIS_PORTABLE builds only the plain C ones, as on
+ * other CPUs (a test builds it so). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(AMIS_PORTABLE)
 #include <immintrin.h>
 #define AMIS_X86 1
 #endif

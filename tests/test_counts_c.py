@@ -261,3 +261,41 @@ def test_extension_is_built_where_a_compiler_exists():
     if not (shutil.which(compiler) and headers.exists()):
         pytest.skip(f"no C compiler ({compiler}) or Python headers here: the extension is optional")
     assert C is not None, "a C compiler and Python.h are here, but amisbench._counts was not built"
+
+
+@pytest.mark.slow
+@needs_c
+def test_portable_build_counts_exactly(tmp_path):
+    """The extension built without any x86 code (-DAMIS_PORTABLE: what an ARM machine compiles) has only the
+    plain C kernels and gives the same counts, sums and matchings."""
+    import importlib.util
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    target = tmp_path / f"_counts{suffix}"
+    source = Path(metrics.__file__).with_name("_counts.c")
+    built = subprocess.run([compiler, "-O2", "-std=c99", "-DAMIS_PORTABLE", "-shared", "-fPIC",
+                            f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    spec = importlib.util.spec_from_file_location("amisbench._counts", target)
+    portable = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(portable)
+    assert portable.kernels() == ["generic"] and portable.kernel() == "generic"
+    rng = np.random.default_rng(3)
+    for hw in [(9, 129), (128, 128), (3, 257)]:
+        a, b = _masks(rng, 4, 11, hw), _masks(rng, 4, 3, hw)
+        out, want = np.empty((4, 14, 14)), np.empty((4, 14, 14))
+        portable.gram(a, b, 4, 11, 3, *hw, out)
+        C.gram(a, b, 4, 11, 3, *hw, want)
+        assert np.array_equal(out, want)
+        sums, sums_c = [(*(np.empty((4, 11)) for _ in range(3)), np.empty(4)) for _ in range(2)]
+        portable.prefix_sums(want, 4, 11, 3, 1.0, *sums)
+        C.prefix_sums(want, 4, 11, 3, 1.0, *sums_c)
+        for got, ref in zip(sums, sums_c):
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    v = rng.random((5, 12, 4))
+    got, ref = np.empty(5), np.empty(5)
+    portable.assignment_mean(v, 5, 12, 4, got)
+    C.assignment_mean(v, 5, 12, 4, ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
