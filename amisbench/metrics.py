@@ -432,7 +432,8 @@ def _gram_c(parts: Sequence[torch.Tensor], sums_empty: float | None = None) -> A
 def _gram(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Exact intersection counts of every pair of masks of each image, on the window of its set pixels.
 
-    On CPUs with AMX tiles one int8 product per image (:func:`_gram_int8`). Elsewhere each image's
+    On CPU with the C extension built, :func:`_gram_c`. Otherwise, on CPUs with AMX tiles one int8 product
+    per image (:func:`_gram_int8`). Elsewhere each image's
     window is cut into chunks of whole rows of at most 256 pixels, laid out ``(chunks, K, 256)`` for a
     group of images, and one batched float32 product counts every chunk; the chunk counts summed per
     image are the exact counts (float64 sums beyond 2**24 pixels). A window wider than 256 pixels is
@@ -532,7 +533,7 @@ def _dice(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor, empty
 
 
 def _ged_terms(
-    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool
+    counts: torch.Tensor, big_n: int, ns: Sequence[int], empty: float, unbiased: bool, sums: _Sums | None = None
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """GED and its three expectations ``(B,)`` at the first ``n`` samples, for each ``n`` in ``ns``.
 
@@ -541,14 +542,15 @@ def _ged_terms(
     ``empty`` times the number of pairs of two empty masks in the block (the first ``n`` samples hold
     ``e_n`` empty masks: ``e_n**2`` such sample pairs, ``e_n * e_y`` cross pairs). A non-empty mask has
     IoU exactly 1 with itself, so without self-pairs (``unbiased``) the diagonal removes
-    ``e_n (1 - empty)`` from the summed distances.
+    ``e_n (1 - empty)`` from the summed distances. On CPU with the C extension (or given ``sums`` of the
+    counting pass, formed with the same ``empty``) the same terms come from :func:`_ged_terms_c`.
 
     Returns:
         ``{n: (ged, cross, sample_div, reader_div)}``.
     """
     m = counts.shape[-1] - big_n
-    if _c_counts(counts.device):
-        return _ged_terms_c(counts, big_n, ns, empty, unbiased)
+    if sums is not None or _c_counts(counts.device):  # C: the prefix sums (given, from the counting pass)
+        return _ged_terms_c(counts, big_n, ns, empty, unbiased, sums)
     area = torch.diagonal(counts, dim1=-2, dim2=-1)
     union = area[:, :, None] + area[:, None, :]
     union.sub_(counts).clamp_(min=1.0)
@@ -979,12 +981,8 @@ class Counts:
     def ged_terms(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ged, cross, sample_div, reader_div)`` at the first ``n`` samples."""
         ns = self._ged_ns if n in self._ged_ns else (n,)
-        if self._sums is not None:
-            terms = self._once(("ged", ns), lambda: _ged_terms_c(self.counts, self.n_samples, ns, self.empty_iou,
-                                                                 self.unbiased, self._sums))
-        else:
-            terms = self._once(("ged", ns), lambda: _ged_terms(self.counts, self.n_samples, ns, self.empty_iou,
-                                                               self.unbiased))
+        terms = self._once(("ged", ns), lambda: _ged_terms(self.counts, self.n_samples, ns, self.empty_iou,
+                                                           self.unbiased, self._sums))
         return terms[n]
 
     def ged(self, n: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..display import display_name
 from ..errors import UserError
 from ..store import RunSpec
 
@@ -307,7 +308,6 @@ def samples_figure(results: Path | str, dataset: str, methods: list[str], *, pro
     ``k`` samples (first row: of all readers), with the readers' contours dashed. ``samples.png/.pdf`` is two columns wide (7 in, every image), ``samples_1col.png/.pdf`` one
     column (3.5 in, the first image).
     """
-    from ..display import display_name
     from ..env import pick_device
     from ..evaluate import sample_items
     from ..factory import load_trained
@@ -506,8 +506,6 @@ def steps_figure(results: Path | str, dataset: str, *, method: str = "atfm", val
     df = df[keep].rename(columns={"metric_value": "value_m"})
     plot = df.rename(columns={"value": "x", "value_m": "value"})
     name = param.split(".")[-1]
-    from ..display import display_name
-
     title = f"{display_name(method)} on {dataset}: metrics vs. {name}, {used} test images x {samples} samples"
     paths = _curve_plot(plot, "x", f"sampler {name} ({param})", title, out, "steps", formats, xscale="log",
                         mark=float(configured) if configured else None,
@@ -588,8 +586,6 @@ def alpha_figure(results: Path | str, dataset: str, *, method: str = "atfm", par
     except (UserError, AttributeError):
         pass
     name = param.split(".")[-1]
-    from ..display import display_name
-
     paths = _curve_plot(df, "x", f"{name} ({param})", f"{display_name(method)} on {dataset}: metrics vs. {name}",
                         out, "alpha", formats, xscale="symlog", mark=default,
                         mark_label="default" if default is not None else "")
