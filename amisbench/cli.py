@@ -72,8 +72,9 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="delete and rerun finished or partial runs")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores free now: usable cores minus the load average, "
-                   "at least 1, so that a busy machine is not oversubscribed)")
+                   help="torch CPU threads (default: the cores free now: usable cores minus the cores other "
+                   "processes keep busy over a quarter of a second, at least 1, so that a busy machine is not "
+                   "oversubscribed)")
     p.add_argument("--no-estimate", dest="estimate", action="store_false",
                    help="skip the timed warm-up that prints the expected training and evaluation time first "
                         "(it runs once per command, before the first seed that trains)")
@@ -251,7 +252,7 @@ def run_specs(a: argparse.Namespace) -> tuple[list, dict, dict[str, str]]:
 def cmd_run(a: argparse.Namespace) -> int:
     import torch
 
-    from .pace import default_threads, describe_threads
+    from .pace import default_threads, describe_threads, other_load
     from .env import pick_device
     from .progress import Reporter
     from .runner import prepare, run_spec
@@ -265,10 +266,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         print_config(prepared[0][0], [folder for _, folder in prepared], o, origin)
         return 0
     pick_device(o["device"])
-    threads = a.threads if a.threads is not None else default_threads()
+    busy = other_load() if a.threads is None else None
+    threads = a.threads if a.threads is not None else default_threads(load=busy)
     torch.set_num_threads(threads)
     rep = Reporter(a.quiet)
-    rep.line(describe_threads(threads, a.threads is not None))
+    rep.line(describe_threads(threads, a.threads is not None, busy))
     failed, estimated = [], False
     for spec, (_, folder) in zip(specs, prepared):
         if estimated:  # the later seeds of one command have the same settings: one warm-up is enough

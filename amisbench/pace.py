@@ -4,8 +4,11 @@ training and evaluation time before training starts, and durations for progress 
 Threads: on a machine that other processes share, more torch threads than free cores do not make a run
 faster; they make every process wait for a core (oversubscription: a run that needs 200 CPU-seconds can
 take 800 when four processes each start two threads on two cores). :func:`default_threads` is the number
-of cores this process may use (CPU affinity and the cgroup CPU quota) minus the load the other processes
-put on them (the one-minute load average), at least one.
+of cores this process may use (CPU affinity and the cgroup CPU quota) minus the cores the other processes
+keep busy now (:func:`busy_cores`: the usable CPUs' busy time over a quarter of a second, from /proc/stat;
+the one-minute load average where that is not available), at least one. The load average lags by a minute:
+right after ``pip install`` it still counts the finished install, and the README's main job would start on
+one thread of an idle two-core machine.
 
 Estimate: :func:`estimate` times a few training steps of every stage that has steps left, and one
 sampling call on evaluation images, on a copy of the model with the random state restored afterwards, so
@@ -47,23 +50,67 @@ def load_average() -> float | None:
         return None
 
 
+def _cpu_times(cpus: set[int] | None, path: str = "/proc/stat") -> tuple[float, float] | None:
+    """(busy, total) jiffies summed over the CPUs ``cpus`` (all if None) from /proc/stat; None if unreadable."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()) or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        values = [float(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(values)
+        busy += sum(values) - values[3] - values[4]
+    return (busy, total) if total > 0 else None
+
+
+def busy_cores(interval: float = 0.25) -> float | None:
+    """Cores of this process's CPUs that other processes keep busy now: their busy share of the time over
+    ``interval`` seconds (this process sleeps meanwhile) times the number of those CPUs; None where
+    /proc/stat is not readable (not Linux)."""
+    try:
+        cpus: set[int] | None = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    first = _cpu_times(cpus)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(cpus)
+    if second is None or second[1] <= first[1]:
+        return None
+    n = len(cpus) if cpus is not None else (os.cpu_count() or 1)
+    return n * (second[0] - first[0]) / (second[1] - first[1])
+
+
+def other_load() -> float | None:
+    """The cores other processes keep busy: :func:`busy_cores`, else the load average (None: unknown)."""
+    busy = busy_cores()
+    return busy if busy is not None else load_average()
+
+
 def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """Torch threads for a run: the usable cores minus the load of the other processes, at least 1.
+    """Torch threads for a run: the usable cores minus the cores other processes keep busy, at least 1.
 
     Args:
         cores: Usable cores (default :func:`usable_cores`).
-        load: The load average (default :func:`load_average`; unknown counts as an idle machine).
+        load: Cores busy with other processes (default :func:`other_load`; unknown counts as an idle machine).
     """
     cores = usable_cores() if cores is None else cores
-    load = load_average() if load is None else load
+    load = other_load() if load is None else load
     return max(1, min(cores, int(cores - (load or 0.0) + 0.5)))
 
 
-def describe_threads(threads: int, chosen: bool) -> str:
-    """One line for the run's output: the threads and what they were chosen from."""
+def describe_threads(threads: int, chosen: bool, busy: float | None = None) -> str:
+    """One line for the run's output: the threads and what they were chosen from (``busy``: the cores other
+    processes kept busy when they were chosen)."""
     load = load_average()
     why = "set by --threads" if chosen else "the cores free now"
-    return (f"torch threads: {threads} ({why}; {usable_cores()} usable cores, load average "
+    now = "" if busy is None else f"{busy:.1f} busy now, "
+    return (f"torch threads: {threads} ({why}; {usable_cores()} usable cores, {now}load average "
             f"{'unknown' if load is None else f'{load:.1f}'})")
 
 

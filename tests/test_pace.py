@@ -15,8 +15,37 @@ from amisbench.store import RunSpec
 @pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.2, 1), (2, 9.0, 1),
                                                 (16, 3.4, 13), (16, 0.0, 16), (1, 0.0, 1), (8, None, 8)])
 def test_default_threads_leave_the_busy_cores(monkeypatch, cores, load, want):
-    monkeypatch.setattr(pace, "load_average", lambda: None)  # load=None below: an unknown load is idle
+    monkeypatch.setattr(pace, "other_load", lambda: None)  # load=None below: an unknown load is idle
     assert pace.default_threads(cores, load) == want
+
+
+def test_busy_cores_from_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: cpu1 busy 30 + 10 of 100 jiffies (its iowait is idle)
+    stat.write_text("cpu  60 0 20 900 20 0 0 0 0 0\ncpu0 20 0 10 460 10 0 0 0 0 0\n"
+                    "cpu1 30 0 10 50 10 0 0 0 0 0\nintr 1 2 3\n")
+    assert pace._cpu_times({1}, str(stat)) == (40.0, 100.0)
+    assert pace._cpu_times(None, str(stat)) == (70.0, 600.0)
+    assert pace._cpu_times({0}, str(tmp_path / "missing")) is None
+    # two readings a quarter of a second apart: one of two CPUs fully busy, the other idle
+    readings = iter([(100.0, 1000.0), (150.0, 1100.0)])
+    monkeypatch.setattr(pace, "_cpu_times", lambda cpus: next(readings))
+    monkeypatch.setattr(pace.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pace.busy_cores(interval=0.0) == pytest.approx(1.0)
+
+
+def test_threads_follow_the_cores_busy_now_not_the_lagging_load_average(monkeypatch):
+    """Right after `pip install` (the README's main job) the one-minute load average still counts the finished
+    install; the cores are idle now, so an idle two-core machine gets two threads."""
+    monkeypatch.setattr(pace, "busy_cores", lambda: 0.05)
+    monkeypatch.setattr(pace, "load_average", lambda: 0.7)
+    assert pace.other_load() == 0.05 and pace.default_threads(2) == 2
+    monkeypatch.setattr(pace, "busy_cores", lambda: 1.0)  # another process on one core now
+    assert pace.default_threads(2) == 1
+    monkeypatch.setattr(pace, "busy_cores", lambda: None)  # no /proc/stat: the load average decides
+    assert pace.other_load() == 0.7 and pace.default_threads(2) == 1
+    line = pace.describe_threads(2, False, 0.05)
+    assert "the cores free now" in line and "0.1 busy now" in line and "load average 0.7" in line
 
 
 def test_usable_cores_follow_affinity(monkeypatch):
